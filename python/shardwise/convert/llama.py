@@ -1,0 +1,92 @@
+"""The generic Llama-family mapping (LLAMA2, LLAMA3, LLAMA3_2, MISTRAL, GEMMA): q/k RoPE permutation,
+``head_dim`` from config, ``rotary_emb.inv_freq`` kept aside, tied models without ``lm_head.weight``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..config import ModelConfig
+from .base import Converter, KeyTable, LoadResult, Op, identity_op, permute_to_hf, permute_to_tune
+
+__all__ = ["LlamaConverter", "LLAMA_TABLE", "attention_dims"]
+
+LLAMA_TABLE = KeyTable(
+    [
+        ("model.embed_tokens.weight", "tok_embeddings.weight"),
+        ("model.layers.{n}.self_attn.q_proj.weight", "layers.{n}.attn.q_proj.weight"),
+        ("model.layers.{n}.self_attn.k_proj.weight", "layers.{n}.attn.k_proj.weight"),
+        ("model.layers.{n}.self_attn.v_proj.weight", "layers.{n}.attn.v_proj.weight"),
+        ("model.layers.{n}.self_attn.o_proj.weight", "layers.{n}.attn.output_proj.weight"),
+        ("model.layers.{n}.self_attn.rotary_emb.inv_freq", None),
+        ("model.layers.{n}.mlp.gate_proj.weight", "layers.{n}.mlp.w1.weight"),
+        ("model.layers.{n}.mlp.up_proj.weight", "layers.{n}.mlp.w3.weight"),
+        ("model.layers.{n}.mlp.down_proj.weight", "layers.{n}.mlp.w2.weight"),
+        ("model.layers.{n}.input_layernorm.weight", "layers.{n}.sa_norm.scale"),
+        ("model.layers.{n}.post_attention_layernorm.weight", "layers.{n}.mlp_norm.scale"),
+        ("model.norm.weight", "norm.scale"),
+        ("lm_head.weight", "output.weight"),
+    ]
+)
+
+
+def attention_dims(cfg: ModelConfig, use_head_dim: bool = True) -> tuple[int, int, int]:
+    """``(num_heads, num_kv_heads, head_dim)`` from config; head_dim defaults to hidden/heads."""
+    n_heads = cfg.require_int("num_attention_heads")
+    n_kv = cfg.require_int("num_key_value_heads")
+    dim = cfg.require_int("hidden_size")
+    head_dim = cfg.optional_int("head_dim") if use_head_dim else None
+    return n_heads, n_kv, head_dim or dim // n_heads
+
+
+class LlamaConverter(Converter):
+    """HF Llama-style keys ⇄ torchtune keys with the q/k RoPE row permutation."""
+
+    family = "llama"
+
+    def __init__(self, table: KeyTable = LLAMA_TABLE, use_head_dim: bool = True) -> None:
+        self.table = table
+        self.inverse_table = table.inverse()
+        self.use_head_dim = use_head_dim
+
+    def validate_config(self, cfg: ModelConfig) -> None:
+        attention_dims(cfg, self.use_head_dim)
+
+    def _heads_for(self, key: str, n_heads: int, n_kv: int) -> int | None:
+        """How many heads to permute a tune key's rows with (None: not permuted)."""
+        if key.endswith("attn.q_proj.weight"):
+            return n_heads
+        if key.endswith("attn.k_proj.weight"):
+            return n_kv
+        return None
+
+    def hf_to_tune(self, hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> LoadResult:
+        n_heads, n_kv, head_dim = attention_dims(cfg, self.use_head_dim)
+        out = LoadResult({})
+        for key, t in hf.items():
+            new = self.table.map(key, self.family)
+            if new is None:
+                out.aside[key] = t
+                continue
+            heads = self._heads_for(new, n_heads, n_kv)
+            out.tune[new] = t if heads is None else permute_to_tune(t, heads, head_dim, key)
+        return out
+
+    def tune_to_hf_ops(
+        self, tune: Mapping[str, torch.Tensor], cfg: ModelConfig, aside: Mapping[str, torch.Tensor]
+    ) -> list[Op]:
+        n_heads, n_kv, head_dim = attention_dims(cfg, self.use_head_dim)
+        ops: list[Op] = []
+        for key, t in tune.items():
+            new = self.inverse_table.map(key, self.family)
+            assert new is not None
+            heads = self._heads_for(key, n_heads, n_kv)
+            if heads is None:
+                ops.append(identity_op(new, t))
+            else:
+                ops.append(
+                    Op(new, t.dtype, tuple(t.shape),
+                       lambda t=t, h=heads, k=key: permute_to_hf(t, h, head_dim, k))
+                )
+        return self.append_aside(ops, aside)

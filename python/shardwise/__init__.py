@@ -1,0 +1,56 @@
+"""shardwise: a fast, exact, drop-in ``FullModelHFCheckpointer`` for Hugging Face checkpoints.
+
+Same constructor and state-dict contract as torchtune 0.6.1's checkpointer; unchanged weights are
+written back byte for byte; the bulk I/O runs in a Rust core (``shardwise._core``).
+"""
+
+from __future__ import annotations
+
+from .checkpointer import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+from .config import ModelConfig
+from .constants import (
+    ADAPTER_CONFIG,
+    ADAPTER_KEY,
+    DATALOADER_KEY,
+    EPOCHS_KEY,
+    MAX_STEPS_KEY,
+    MODEL_KEY,
+    OPT_KEY,
+    RNG_KEY,
+    SEED_KEY,
+    STEPS_KEY,
+    TOTAL_EPOCHS_KEY,
+    VAL_DATALOADER_KEY,
+    ModelType,
+)
+from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError, HeaderError
+from .paths import FormattedCheckpointFiles, get_largest_iter_folder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_KEY",
+    "DATALOADER_KEY",
+    "EPOCHS_KEY",
+    "MAX_STEPS_KEY",
+    "MODEL_KEY",
+    "OPT_KEY",
+    "RNG_KEY",
+    "SEED_KEY",
+    "STEPS_KEY",
+    "TOTAL_EPOCHS_KEY",
+    "VAL_DATALOADER_KEY",
+    "CheckpointError",
+    "CheckpointIOError",
+    "ConfigError",
+    "ConversionError",
+    "FormattedCheckpointFiles",
+    "FullModelHFCheckpointer",
+    "HeaderError",
+    "ModelConfig",
+    "ModelType",
+    "UnknownModelTypeError",
+    "get_largest_iter_folder",
+    "parse_size",
+]

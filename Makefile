@@ -1,0 +1,44 @@
+# Quick start: `make run` (venv + build + a demo round trip), `make test` (the whole suite).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.deps-installed
+
+.PHONY: venv build run test test-py test-rust lint bench bench-full clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q maturin
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+build: venv
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --quiet
+
+run: build
+	$(VENV)/bin/shardwise roundtrip
+
+test-rust:
+	cargo fmt --check
+	cargo clippy --all-targets --quiet -- -D warnings
+	cargo test --quiet
+
+test-py: build
+	$(VENV)/bin/ruff check python tests benches
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benches --benchmark-disable
+
+test: test-rust test-py
+
+# Benchmarks (ratios, variants interleaved): ~1 GB on tmpfs and disk; `make bench-full` for ~3 GB
+bench: build
+	$(PY) -m pytest benches -q --benchmark-columns=min,median,max --benchmark-sort=name
+
+bench-full: build
+	SHARDWISE_BENCH_GB=3 $(PY) -m pytest benches -q --benchmark-columns=min,median,max --benchmark-sort=name
+
+clean:
+	rm -rf target $(VENV) .pytest_cache .hypothesis .benchmarks

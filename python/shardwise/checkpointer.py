@@ -1,0 +1,506 @@
+"""``FullModelHFCheckpointer``: torchtune 0.6.1's constructor and state-dict contract, exact and fast.
+
+Orchestration only: paths (``paths``), config (``config``), conversion (``convert``), layout and the
+native writer (``layout``, ``_core``), adapters (``peft``) and recipe state (``recipe_state``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _core, peft
+from .config import ModelConfig
+from .constants import (
+    ADAPTER_CONFIG,
+    ADAPTER_CONFIG_FNAME,
+    ADAPTER_KEY,
+    ADAPTER_MODEL_FNAME,
+    MODEL_KEY,
+    RECIPE_STATE_DIRNAME,
+    REPO_ID_FNAME,
+    ModelType,
+)
+from .convert import get_converter
+from .convert.base import Op
+from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError
+from .layout import (
+    OutputShard,
+    SavePlan,
+    count_params,
+    index_bytes,
+    index_name,
+    plan_shards,
+    read_index,
+    shard_header,
+    torch_ready,
+)
+from .paths import (
+    FormattedCheckpointFiles,
+    STAGING_MARK,
+    check_outdir_not_in_ckptdir,
+    copy_files,
+    get_largest_iter_folder,
+    is_staging_name,
+    resolve_checkpoint_files,
+)
+from .recipe_state import atomic_torch_save, load_recipe_state, save_recipe_state
+from .shards import SourceFile, byte_view, load_source_tensors, read_sources
+
+__all__ = ["FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
+
+logger = logging.getLogger("shardwise")
+
+
+class UnknownModelTypeError(ConfigError, KeyError):
+    """``model_type`` names no ``ModelType`` member (a ``KeyError`` as in torchtune, and a ``ValueError``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _model_type(value: str | ModelType) -> ModelType:
+    if isinstance(value, ModelType):
+        return value
+    try:
+        return ModelType[value]
+    except KeyError:
+        for m in ModelType:
+            if str(value).lower() in (m.value, m.name.lower()):
+                return m
+    names = ", ".join(m.name for m in ModelType)
+    raise UnknownModelTypeError(f"unknown model_type {value!r}; expected one of: {names}")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """``5_000_000_000``, ``"5GB"`` or ``"500MiB"`` → bytes (HF's convention: GB = 10**9)."""
+    if size is None or isinstance(size, int):
+        if isinstance(size, int) and size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = _SIZE.match(str(size))
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size like 5GB or 500MiB")
+    n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if n <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return n
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+class FullModelHFCheckpointer:
+    """Reads and writes Hugging Face checkpoints for torchtune recipes, as torchtune's class does.
+
+    Same constructor and ``load_checkpoint`` / ``save_checkpoint`` contract as
+    ``torchtune.training.FullModelHFCheckpointer`` (0.6.1), plus the keyword-only extras of later
+    releases (``keep_last_n_checkpoints``; ``step``, ``dir_prefix``, ``max_shard_size`` on save).
+    Unchanged weights are written back byte for byte under the original shard names, every
+    checkpoint folder is published atomically, and the caller's dict is never mutated.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        checkpoint_files: list[str] | dict[str, str],
+        model_type: str,
+        output_dir: str,
+        adapter_checkpoint: str | None = None,
+        recipe_checkpoint: str | None = None,
+        resume_from_checkpoint: bool = False,
+        safe_serialization: bool = True,
+        should_load_recipe_state: bool = False,
+        *,
+        keep_last_n_checkpoints: int | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self._should_load_recipe_state = bool(should_load_recipe_state)
+        if resume_from_checkpoint:
+            self._should_load_recipe_state = True
+            logger.warning(
+                "*resume_from_checkpoint is deprecated. Please use the 'should_load_recipe_state' instead"
+            )
+        self._safe_serialization = bool(safe_serialization)
+        self._checkpoint_dir = Path(checkpoint_dir)
+        self._model_type = _model_type(model_type)
+        self._output_dir = Path(output_dir)
+        self._fsync = fsync
+        if keep_last_n_checkpoints is not None and keep_last_n_checkpoints < 1:
+            raise ValueError(f"keep_last_n_checkpoints must be at least 1, got {keep_last_n_checkpoints}")
+        self._keep_last_n = keep_last_n_checkpoints
+        check_outdir_not_in_ckptdir(self._checkpoint_dir, self._output_dir)
+        if not self._checkpoint_dir.is_dir():
+            raise ValueError(f"{self._checkpoint_dir} is not a valid directory.")
+
+        self._config = ModelConfig.from_file(self._checkpoint_dir / "config.json")
+        self._converter = get_converter(self._model_type)
+        self._converter.validate_config(self._config)
+
+        self.repo_id: str | None = None
+        repo_file = self._checkpoint_dir / f"{REPO_ID_FNAME}.json"
+        if repo_file.is_file():
+            try:
+                data = json.loads(repo_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{repo_file}: not valid JSON ({e})") from e
+            self.repo_id = data.get("repo_id") if isinstance(data, dict) else None
+
+        self._adapter_checkpoint = self._resolve_adapter_checkpoint(adapter_checkpoint)
+        self._recipe_checkpoint = self._resolve_recipe_checkpoint(recipe_checkpoint)
+        self._checkpoint_paths = self._resolve_model_paths(checkpoint_files)
+
+        # filled by load_checkpoint (or lazily by save_checkpoint before any load)
+        self._weight_map: dict[str, str] | None = None
+        self._sources: list[SourceFile] = []
+        self._key_source: dict[str, SourceFile] = {}
+        self._aside: dict[str, torch.Tensor] = {}
+        self._orig_index: tuple[Path, bytes, dict[str, Any]] | None = None
+
+        self._output_dir.mkdir(parents=True, exist_ok=True)
+        if self._should_load_recipe_state:
+            logger.info(
+                "Loading the recipe state using: \n\tcheckpoint_paths: %s\n\trecipe_checkpoint: %s"
+                "\n\tadapter_checkpoint: %s",
+                [str(p) for p in self._checkpoint_paths], self._recipe_checkpoint, self._adapter_checkpoint,
+            )
+
+    # ------------------------------------------------------------------ path resolution
+    def _resolve_adapter_checkpoint(self, adapter_checkpoint: str | None) -> Path | None:
+        if not self._should_load_recipe_state:
+            return None
+        if adapter_checkpoint:
+            p = self._output_dir / adapter_checkpoint
+            if not p.is_file():
+                raise ValueError(
+                    f"adapter_checkpoint {adapter_checkpoint!r} not found: {p} does not exist "
+                    "(it is resolved relative to output_dir)"
+                )
+            return p
+        latest = get_largest_iter_folder(self._output_dir)
+        if latest is None:
+            return None
+        folder = self._output_dir / latest
+        for name in (f"{ADAPTER_MODEL_FNAME}.pt",):
+            if (folder / name).is_file():
+                return folder / name
+        return None
+
+    def _resolve_recipe_checkpoint(self, recipe_checkpoint: str | None) -> Path | None:
+        if not self._should_load_recipe_state:
+            return None
+        p = (
+            self._output_dir / recipe_checkpoint
+            if recipe_checkpoint
+            else self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
+        )
+        if not p.is_file():
+            raise ValueError(
+                "If should_load_recipe_state is True, recipe_checkpoint file must be provided. "
+                f"No recipe state found at {p}: {self._output_dir} holds no intermediate checkpoint to "
+                "resume from (pass recipe_checkpoint=..., relative to output_dir, or resume=False)."
+            )
+        return p
+
+    def _resolve_model_paths(self, checkpoint_files: Any) -> list[Path]:
+        resuming_full = self._should_load_recipe_state and self._adapter_checkpoint is None
+        if not resuming_full:
+            return resolve_checkpoint_files(checkpoint_files, self._checkpoint_dir)
+        try:
+            return resolve_checkpoint_files(checkpoint_files, self._output_dir)
+        except ValueError as first:
+            # torchtune needs "epoch_N/..." prefixes; also accept the bare names from the latest epoch
+            latest = get_largest_iter_folder(self._output_dir)
+            if latest is None:
+                raise
+            try:
+                return resolve_checkpoint_files(checkpoint_files, self._output_dir / latest)
+            except ValueError:
+                raise first from None
+
+    # ------------------------------------------------------------------ load
+    def _load_model(self) -> dict[str, torch.Tensor]:
+        sources = read_sources(self._checkpoint_paths)
+        merged: dict[str, torch.Tensor] = {}
+        key_source: dict[str, SourceFile] = {}
+        weight_map: dict[str, str] = {}
+        for i, src in enumerate(sources):
+            tensors = load_source_tensors(src)
+            for key, t in tensors.items():
+                if key in key_source:
+                    raise CheckpointError(
+                        f"{src.path}: tensor {key!r} is also in {key_source[key].path}; "
+                        "a key must be in exactly one shard"
+                    )
+                key_source[key] = src
+                weight_map[key] = f"{i + 1:04}"
+                merged[key] = t
+        try:
+            result = self._converter.hf_to_tune(merged, self._config)
+        except ConversionError as e:
+            key = next((k for k in merged if f'"{k}"' in str(e)), None)
+            where = key_source[key].path if key is not None else self._checkpoint_dir
+            raise type(e)(f"{where}: {e}") from e
+        self._sources = sources
+        self._key_source = key_source
+        self._weight_map = weight_map
+        self._aside = result.aside
+        self._orig_index = self._matching_index(sources)
+        return result.tune
+
+    def _matching_index(self, sources: Sequence[SourceFile]) -> tuple[Path, bytes, dict[str, Any]] | None:
+        folders = {s.path.parent for s in sources}
+        if len(folders) != 1:
+            return None
+        found = read_index(next(iter(folders)))
+        if found is None:
+            return None
+        files = set(found[2]["weight_map"].values())
+        return found if files == {s.name for s in sources} else None
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """Load the HF shards (zero-copy), convert to torchtune keys, and add the adapter and recipe
+        state when resuming. Returns ``{"model": ..., ["adapter": ...], <recipe keys>...}``."""
+        state: dict[str, Any] = {MODEL_KEY: self._load_model()}
+        if self._adapter_checkpoint is not None:
+            state[ADAPTER_KEY] = self._load_adapter(self._adapter_checkpoint)
+        if self._should_load_recipe_state and self._recipe_checkpoint is not None:
+            state.update(load_recipe_state(self._recipe_checkpoint))
+        return state
+
+    def _load_adapter(self, path: Path) -> dict[str, torch.Tensor]:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return peft.peft_to_tune_adapter_weights(load_file(str(path)), self._model_type, self._config)
+        state = load_recipe_state(path)
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor):
+                raise CheckpointError(f"{path}: adapter value for {k!r} is a {type(v).__name__}, not a tensor")
+        return state
+
+    # ------------------------------------------------------------------ save
+    def save_checkpoint(
+        self,
+        state_dict: dict[str, Any],
+        epoch: int,
+        intermediate_checkpoint: bool = False,
+        adapter_only: bool = False,
+        *,
+        step: int | None = None,
+        dir_prefix: str = "epoch",
+        max_shard_size: int | str | None = None,
+    ) -> None:
+        """Write ``output_dir/epoch_{epoch}/`` (or ``step_{step}/``): HF shards and index, adapter files,
+        side files; with ``intermediate_checkpoint`` also ``output_dir/recipe_state/recipe_state.pt``.
+        The folder appears only when complete; ``state_dict`` is not modified."""
+        if dir_prefix not in ("epoch", "step"):
+            raise ValueError(f"dir_prefix must be 'epoch' or 'step', got {dir_prefix!r}")
+        if dir_prefix == "step" and step is None:
+            raise ValueError("dir_prefix='step' needs step=")
+        number = step if dir_prefix == "step" else epoch
+        if adapter_only and ADAPTER_KEY not in state_dict:
+            raise ValueError(
+                "Adapter checkpoint not found in state_dict. Please ensure that the state_dict contains "
+                "adapter weights."
+            )
+        cap = parse_size(max_shard_size)
+        model = None if adapter_only else state_dict.get(MODEL_KEY)
+        if not adapter_only and model is None:
+            raise ValueError(f"state_dict has no {MODEL_KEY!r} key (pass adapter_only=True to save adapters)")
+        if model is not None:
+            _check_tensors(model, "model")
+        adapter = state_dict.get(ADAPTER_KEY)
+        if adapter is not None:
+            _check_tensors(adapter, "adapter")
+
+        final = self._output_dir / f"{dir_prefix}_{number}"
+        self._output_dir.mkdir(parents=True, exist_ok=True)
+        staging = self._output_dir / f".{final.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            if model is not None:
+                self._write_model(model, staging, cap)
+            if adapter is not None:
+                self._write_adapter(adapter, staging)
+            if ADAPTER_CONFIG in state_dict:
+                self._write_adapter_config(state_dict[ADAPTER_CONFIG], adapter, staging)
+            copy_files(self._checkpoint_dir, staging)
+            if self._fsync:
+                _fsync_tree(staging)
+            _core.publish_dir(str(staging), str(final))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("Checkpoint saved to %s", final)
+
+        if intermediate_checkpoint:
+            path = self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
+            size = save_recipe_state(state_dict, path, fsync=self._fsync)
+            logger.info("Recipe checkpoint of size %s saved to %s", _gib(size), path)
+        else:
+            logger.info("Saving final %s checkpoint.", dir_prefix)
+            if adapter_only:
+                logger.info(
+                    "Please note that you have set adapter_only=True, so only adapter weights will be "
+                    "saved. You need to merge the adapter weights into your base model for further use. "
+                    "See FullModelHFCheckpointer.save_checkpoint for more details."
+                )
+            else:
+                logger.info(
+                    "The full model checkpoint, including all weights and configurations, has been saved "
+                    "successfully. You can now use this checkpoint for further training or inference."
+                )
+        if self._keep_last_n is not None:
+            self._prune(dir_prefix)
+
+    def _ensure_sources(self) -> None:
+        if self._weight_map is None:
+            # save before load: the layout comes from the input files (tensors stay mapped, unread)
+            self._load_model()
+
+    def _plan(self, model: Mapping[str, torch.Tensor], cap: int | None) -> tuple[SavePlan, list[Op]]:
+        self._ensure_sources()
+        ops = self._converter.tune_to_hf_ops(model, self._config, self._aside)
+        had_index = self._orig_index is not None or len(self._sources) > 1
+        plan = plan_shards(
+            ops, self._sources, self._key_source,
+            safe=self._safe_serialization, had_index=had_index, max_shard_size=cap,
+        )
+        return plan, ops
+
+    def _write_model(self, model: Mapping[str, torch.Tensor], folder: Path, cap: int | None) -> None:
+        plan, ops = self._plan(model, cap)
+        if self._safe_serialization:
+            self._write_safetensors(plan, folder)
+        else:
+            for shard in plan.shards:
+                tensors = {op.key: torch_ready(_made(op)) for op in shard.ops}
+                atomic_torch_save(tensors, folder / shard.name, fsync=False)
+                del tensors
+        for shard in plan.shards:
+            logger.info("Model checkpoint of size %s saved to %s", _gib(shard.nbytes), folder / shard.name)
+        if plan.write_index:
+            original = None
+            if self._orig_index is not None:
+                original = (self._orig_index[1], self._orig_index[2])
+            name = index_name(self._safe_serialization)
+            (folder / name).write_bytes(index_bytes(plan, original, count_params(ops)))
+
+    def _write_safetensors(self, plan: SavePlan, folder: Path) -> None:
+        """One shard is prepared (its ops run, byte views taken) while the previous one is written by
+        the native core with the GIL released; at most two shards' transformed tensors are alive."""
+
+        def prepare(shard: OutputShard) -> tuple[str, bytes, list[tuple[int, object]], list[torch.Tensor]]:
+            header, offsets = shard_header(shard)
+            tensors = [_made(op) for op in shard.ops]
+            views = [byte_view(t) for t in tensors]
+            pieces = [(begin, v) for (begin, _), v in zip(offsets, views)]
+            return str(folder / shard.name), header, pieces, tensors
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwise-write") as pool:
+            pending: Future[int] | None = None
+            for shard in plan.shards:
+                path, header, pieces, keep = prepare(shard)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(_core.write_file, path, header, pieces, False)
+                del keep  # the pieces hold the buffers alive until written
+            if pending is not None:
+                pending.result()
+
+    def _write_adapter(self, adapter: Mapping[str, torch.Tensor], folder: Path) -> None:
+        pt = folder / f"{ADAPTER_MODEL_FNAME}.pt"
+        atomic_torch_save({k: torch_ready(v) for k, v in adapter.items()}, pt, fsync=False)
+        logger.info("Adapter checkpoint of size %s saved to %s", _gib(pt.stat().st_size), pt)
+        if not peft.supports_peft(self._model_type):
+            logger.warning(
+                "Saving %s adapter weights to PEFT format is not supported, saving to torchtune format instead",
+                self._model_type.name,
+            )
+            return
+        weights = peft.tune_to_peft_adapter_weights(adapter, self._model_type, self._config)
+        if self._safe_serialization:
+            from safetensors.torch import save_file
+
+            out = folder / f"{ADAPTER_MODEL_FNAME}.safetensors"
+            save_file({k: torch_ready(v) for k, v in weights.items()}, str(out), metadata={"format": "pt"})
+        else:
+            out = folder / f"{ADAPTER_MODEL_FNAME}.bin"
+            atomic_torch_save({k: torch_ready(v) for k, v in weights.items()}, out, fsync=False)
+        logger.info("Adapter checkpoint of size %s saved to %s", _gib(out.stat().st_size), out)
+
+    def _write_adapter_config(
+        self, adapter_config: Mapping[str, Any], adapter: Mapping[str, torch.Tensor] | None, folder: Path
+    ) -> None:
+        if not peft.supports_peft(self._model_type):
+            logger.warning(
+                "PEFT integration for %s is not supported, skipping adapter config save", self._model_type.name
+            )
+            return
+        cfg = peft.tune_to_peft_adapter_config(adapter_config, self._model_type, self.repo_id, adapter)
+        out = folder / f"{ADAPTER_CONFIG_FNAME}.json"
+        out.write_text(json.dumps(cfg, indent=2) + "\n")
+        logger.info("Adapter config saved to %s", out)
+
+    def _prune(self, prefix: str) -> None:
+        rx = re.compile(rf"^{prefix}_(\d+)$")
+        found = []
+        for name in os.listdir(self._output_dir):
+            m = rx.match(name)
+            if m and not is_staging_name(name) and (self._output_dir / name).is_dir():
+                found.append((int(m.group(1)), name))
+        found.sort()
+        assert self._keep_last_n is not None
+        for _, name in found[: max(0, len(found) - self._keep_last_n)]:
+            shutil.rmtree(self._output_dir / name, ignore_errors=True)
+
+
+def _check_tensors(d: Any, what: str) -> None:
+    if not isinstance(d, Mapping):
+        raise ConversionError(f"state_dict[{what!r}] must be a dict of tensors, got {type(d).__name__}")
+    for k, v in d.items():
+        if not isinstance(v, torch.Tensor):
+            raise ConversionError(f"state_dict[{what!r}][{k!r}] is a {type(v).__name__}, not a torch.Tensor")
+
+
+def _made(op: Op) -> torch.Tensor:
+    t = op.make()
+    if t.dtype != op.dtype or tuple(t.shape) != op.shape:
+        raise ConversionError(
+            f'"{op.key}": conversion produced {t.dtype} {tuple(t.shape)}, expected {op.dtype} {op.shape}'
+        )
+    return t
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise CheckpointIOError(e.errno or 5, e.strerror or str(e), os.path.join(root, name)) from e
+            finally:
+                os.close(fd)
+        _core.fsync_dir(root)
+
+
+# FormattedCheckpointFiles is part of this module's public surface in torchtune
+FormattedCheckpointFiles = FormattedCheckpointFiles

@@ -1,0 +1,252 @@
+"""The bridge to the native writer: which key goes to which output shard, at which offset.
+
+A shard whose keys, dtypes and shapes equal what was loaded keeps its original header bytes and
+offsets ("preserve the original layout"), so unchanged weights reproduce the file byte for byte,
+whichever library wrote it. Any other shard gets the layout the ``safetensors`` library itself would
+write ("fresh canonical layout"), keeping the original ``__metadata__``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _core
+from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
+from .convert.base import Op
+from .errors import ConversionError
+from .shards import DTYPE_TO_ST, SourceFile
+
+__all__ = [
+    "OutputShard",
+    "SavePlan",
+    "index_bytes",
+    "output_name",
+    "plan_shards",
+    "shard_header",
+]
+
+DEFAULT_METADATA = {"format": "pt"}
+_HF_SHARD = re.compile(r"^(?P<stem>.+)-(?P<idx>\d+)-of-(?P<n>\d+)$")
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    stem, dot, ext = name.rpartition(".")
+    return (stem, ext) if dot else (name, "")
+
+
+def output_name(src_name: str, safe: bool) -> str:
+    """The output file name of an input shard: the same name when the format is kept; on a format
+    change the extension follows (and HF's ``pytorch_model`` ⇄ ``model`` stem prefix)."""
+    stem, ext = _split_ext(src_name)
+    if safe:
+        if ext == "safetensors":
+            return src_name
+        if stem.startswith("pytorch_model"):
+            stem = "model" + stem[len("pytorch_model") :]
+        return f"{stem}.safetensors"
+    if ext == "bin":
+        return src_name
+    if ext == "safetensors" and stem.startswith("model"):
+        stem = "pytorch_model" + stem[len("model") :]
+    return f"{stem}.bin"
+
+
+@dataclass
+class OutputShard:
+    """One file to write: its name, its ops in the order they come, and its source (if any)."""
+
+    name: str
+    ops: list[Op] = field(default_factory=list)
+    source: SourceFile | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(op) for op in self.ops)
+
+
+def _nbytes(op: Op) -> int:
+    n = 1
+    for s in op.shape:
+        n *= s
+    return n * op.dtype.itemsize
+
+
+@dataclass
+class SavePlan:
+    shards: list[OutputShard]
+    write_index: bool
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {op.key: s.name for s in self.shards for op in s.ops}
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+
+def _split_new(ops: list[Op], max_shard_size: int | None) -> list[list[Op]]:
+    """Greedy split of new keys into shards under ``max_shard_size`` (one oversized tensor alone)."""
+    if not ops:
+        return []
+    if not max_shard_size:
+        return [ops]
+    groups: list[list[Op]] = [[]]
+    size = 0
+    for op in ops:
+        n = _nbytes(op)
+        if groups[-1] and size + n > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(op)
+        size += n
+    return groups
+
+
+def plan_shards(
+    ops: Sequence[Op],
+    sources: Sequence[SourceFile],
+    key_source: dict[str, SourceFile],
+    *,
+    safe: bool,
+    had_index: bool,
+    max_shard_size: int | None = None,
+) -> SavePlan:
+    """Partition ``ops`` by the shard their key was loaded from; keys that were never loaded go into
+    new shard(s), and the shard names are renumbered consistently when HF ``-NNNNN-of-NNNNN`` naming
+    (or a single file) makes that possible."""
+    seen: set[str] = set()
+    by_source: dict[int, OutputShard] = {}
+    for src in sources:
+        by_source[id(src)] = OutputShard(output_name(src.name, safe), source=src)
+    new_ops: list[Op] = []
+    for op in ops:
+        if op.key in seen:
+            raise ConversionError(f'the converted state dict produces key "{op.key}" twice')
+        seen.add(op.key)
+        src = key_source.get(op.key)
+        if src is None:
+            new_ops.append(op)
+        else:
+            by_source[id(src)].ops.append(op)
+    kept = [by_source[id(s)] for s in sources if by_source[id(s)].ops]
+    groups = _split_new(new_ops, max_shard_size)
+    if groups:
+        ext = "safetensors" if safe else "bin"
+        total = len(kept) + len(groups)
+        parsed = [_HF_SHARD.match(_split_ext(s.name)[0]) for s in kept]
+        if kept and all(parsed):
+            stem = parsed[0].group("stem")  # type: ignore[union-attr]
+            width = max(len(m.group("idx")) for m in parsed if m)
+            for i, s in enumerate(kept, 1):
+                s.name = f"{stem}-{i:0{width}d}-of-{total:0{width}d}.{ext}"
+            new_names = [f"{stem}-{i:0{width}d}-of-{total:0{width}d}.{ext}" for i in range(len(kept) + 1, total + 1)]
+        elif len(kept) <= 1:
+            stem = _split_ext(kept[0].name)[0] if kept else ("model" if safe else "pytorch_model")
+            for s in kept:
+                s.name = f"{stem}-{1:05d}-of-{total:05d}.{ext}"
+            new_names = [f"{stem}-{i:05d}-of-{total:05d}.{ext}" for i in range(len(kept) + 1, total + 1)]
+        else:
+            base = "model" if safe else "pytorch_model"
+            new_names = [f"{base}-extra-{i:05d}-of-{len(groups):05d}.{ext}" for i in range(1, len(groups) + 1)]
+        kept.extend(OutputShard(n, g) for n, g in zip(new_names, groups))
+    names = [s.name for s in kept]
+    if len(set(names)) != len(names):
+        raise ConversionError(f"two input shards map to the same output file name: {sorted(names)}")
+    return SavePlan(kept, write_index=had_index or len(kept) > 1)
+
+
+def shard_header(shard: OutputShard) -> tuple[bytes, list[tuple[int, int]]]:
+    """Header bytes and per-op (begin, end) offsets: the original ones when the shard's keys, dtypes and
+    shapes are unchanged, otherwise the layout the safetensors library writes."""
+    src = shard.source
+    if src is not None and src.header is not None:
+        h = src.header
+        if len(h.names) == len(shard.ops):
+            pos = {n: i for i, n in enumerate(h.names)}
+            offsets = []
+            for op in shard.ops:
+                i = pos.get(op.key)
+                if i is None or DTYPE_TO_ST.get(op.dtype) != h.dtypes[i] or list(op.shape) != list(h.shapes[i]):
+                    break
+                offsets.append(tuple(h.offsets[i]))
+            else:
+                return bytes(h.raw), offsets  # type: ignore[return-value]
+    metadata = DEFAULT_METADATA
+    if src is not None and src.header is not None and src.header.metadata is not None:
+        metadata = src.header.metadata
+    dtypes = []
+    for op in shard.ops:
+        st = DTYPE_TO_ST.get(op.dtype)
+        if st is None:
+            raise ConversionError(f'"{op.key}": dtype {op.dtype} cannot be stored in safetensors')
+        dtypes.append(st)
+    header, offsets = _core.fresh_layout(
+        [op.key for op in shard.ops], dtypes, [list(op.shape) for op in shard.ops], metadata
+    )
+    return header, offsets
+
+
+def index_name(safe: bool) -> str:
+    return SAFETENSOR_INDEX_FNAME if safe else TORCH_INDEX_FNAME
+
+
+def index_bytes(plan: SavePlan, original: tuple[bytes, dict[str, Any]] | None, n_params: int) -> bytes:
+    """The index file: the original bytes when its content is unchanged; otherwise HF's format
+    (``indent=2, sort_keys=True`` and a newline) with the original metadata kept and sizes updated."""
+    weight_map = plan.weight_map
+    meta: dict[str, Any] = {}
+    if original is not None:
+        orig_meta = original[1].get("metadata")
+        if isinstance(orig_meta, dict):
+            meta.update(orig_meta)
+    meta["total_size"] = plan.total_size
+    if "total_parameters" in meta:
+        meta["total_parameters"] = n_params
+    content = {"metadata": meta, "weight_map": weight_map}
+    if original is not None and original[1] == content:
+        return original[0]
+    return (json.dumps(content, indent=2, sort_keys=True) + "\n").encode()
+
+
+def count_params(ops: Iterable[Op]) -> int:
+    total = 0
+    for op in ops:
+        n = 1
+        for s in op.shape:
+            n *= s
+        total += n
+    return total
+
+
+def torch_ready(t: torch.Tensor) -> torch.Tensor:
+    """A tensor safe to ``torch.save`` alone: views of a larger storage (e.g. a mapped file) are cloned."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.nbytes or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def read_index(folder: Path) -> tuple[Path, bytes, dict[str, Any]] | None:
+    """The original HF index of ``folder`` (safetensors or torch), if any."""
+    for name in (SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME):
+        p = folder / name
+        if p.is_file():
+            raw = p.read_bytes()
+            try:
+                data = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConversionError(f"{p}: not valid JSON ({e})") from e
+            if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+                raise ConversionError(f"{p}: an index needs a 'weight_map' object")
+            return p, raw, data
+    return None

@@ -1,0 +1,64 @@
+"""Recipe state (optimizer, seed, epochs, dataloader, rng ...): saved atomically, loaded with
+``weights_only=True`` so that nothing in a checkpoint is ever executed."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _core
+from .constants import NON_RECIPE_KEYS
+from .errors import CheckpointError, CheckpointIOError
+
+__all__ = ["atomic_torch_save", "load_recipe_state", "recipe_keys", "save_recipe_state"]
+
+
+def recipe_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything in a checkpoint dict except the model, adapter and adapter config."""
+    return {k: v for k, v in state_dict.items() if k not in NON_RECIPE_KEYS}
+
+
+def atomic_torch_save(obj: object, path: Path, fsync: bool = True) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.shardwise-tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            _core.fsync_dir(str(path.parent))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointIOError(e.errno or 5, e.strerror or str(e), str(path)) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_recipe_state(state_dict: Mapping[str, Any], path: Path, fsync: bool = True) -> int:
+    """Write the recipe keys of ``state_dict`` to ``path`` atomically; returns the file size."""
+    atomic_torch_save(recipe_keys(state_dict), path, fsync=fsync)
+    return path.stat().st_size
+
+
+def load_recipe_state(path: Path) -> dict[str, Any]:
+    """Load a recipe state written by shardwise or torchtune (``weights_only=True``)."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointIOError(2, "recipe state file not found", str(path)) from e
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: unable to load the recipe state ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the recipe state must be a dict, found {type(state).__name__}")
+    return state

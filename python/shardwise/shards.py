@@ -1,0 +1,170 @@
+"""Reading shard files: safetensors as zero-copy views of a private file mapping, ``.bin``/``.pt`` with
+``torch.load(weights_only=True, mmap=True)``. Every failure names the file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import _core
+from .errors import CheckpointError, CheckpointIOError, HeaderError
+
+__all__ = [
+    "DTYPE_FROM_ST",
+    "DTYPE_TO_ST",
+    "SourceFile",
+    "byte_view",
+    "is_safetensors",
+    "load_source_tensors",
+    "read_sources",
+]
+
+_PAIRS = [
+    ("BOOL", torch.bool),
+    ("U8", torch.uint8),
+    ("I8", torch.int8),
+    ("I16", torch.int16),
+    ("I32", torch.int32),
+    ("I64", torch.int64),
+    ("F16", torch.float16),
+    ("BF16", torch.bfloat16),
+    ("F32", torch.float32),
+    ("F64", torch.float64),
+    ("C64", torch.complex64),
+]
+for _name, _attr in [
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+]:
+    if hasattr(torch, _attr):
+        _PAIRS.append((_name, getattr(torch, _attr)))
+
+DTYPE_FROM_ST: dict[str, torch.dtype] = dict(_PAIRS)
+DTYPE_TO_ST: dict[torch.dtype, str] = {v: k for k, v in _PAIRS}
+
+
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """The format is chosen by extension, as torchtune does (no content sniffing)."""
+    return str(path).endswith(".safetensors")
+
+
+@dataclass
+class SourceFile:
+    """One input shard as loaded: its path, its header (safetensors only) and its tensor metadata."""
+
+    path: Path
+    header: _core.SafetensorsHeader | None = None
+    keys: list[str] = field(default_factory=list)  # in file order
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.header is not None
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        return None if self.header is None else self.header.metadata
+
+
+def byte_view(t: torch.Tensor) -> object:
+    """A zero-copy, C-contiguous ``uint8`` buffer over ``t``'s bytes (numpy array, buffer protocol)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _safetensors_views(src: SourceFile) -> dict[str, torch.Tensor]:
+    h = src.header
+    assert h is not None
+    try:
+        storage = torch.UntypedStorage.from_file(str(src.path), shared=False, nbytes=h.file_size)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointIOError(getattr(e, "errno", None) or 5, f"cannot map file: {e}", str(src.path)) from e
+    base = torch.empty(0, dtype=torch.uint8).set_(storage)
+    out: dict[str, torch.Tensor] = {}
+    for name, st_dtype, shape, (begin, end) in zip(h.names, h.dtypes, h.shapes, h.offsets):
+        dtype = DTYPE_FROM_ST.get(st_dtype)
+        if dtype is None:
+            raise HeaderError(f"{src.path}: tensor '{name}' has dtype {st_dtype}, which torch cannot represent")
+        start = h.data_start + begin
+        raw = base[start : h.data_start + end]
+        itemsize = dtype.itemsize
+        if end == begin:
+            t = torch.empty(tuple(shape), dtype=dtype)
+        else:
+            if start % itemsize:  # unaligned data (other writers): copy rather than fail
+                raw = raw.clone()
+            t = raw.view(dtype).view(tuple(shape))
+        out[name] = t
+    return out
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e):
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
+    except FileNotFoundError as e:
+        raise CheckpointIOError(2, "no such file", str(path)) from e
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: unable to load checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: expected all values in the state dict to be torch.Tensor. "
+                f"Found {type(v).__name__} instead (key {k!r})."
+            )
+    return sd
+
+
+def read_sources(paths: Sequence[Path], threads: int = 0) -> list[SourceFile]:
+    """Headers of all safetensors files (parsed and validated in parallel by the native core)."""
+    st = [p for p in paths if is_safetensors(p)]
+    headers = dict(zip(st, _core.read_headers([str(p) for p in st], threads))) if st else {}
+    out = []
+    for p in paths:
+        h = headers.get(p)
+        src = SourceFile(Path(p), h)
+        if h is not None:
+            src.keys = list(h.names)
+            for name, dt, shape in zip(h.names, h.dtypes, h.shapes):
+                src.dtypes[name] = DTYPE_FROM_ST.get(dt, torch.uint8)
+                src.shapes[name] = tuple(shape)
+        out.append(src)
+    return out
+
+
+def load_source_tensors(src: SourceFile) -> dict[str, torch.Tensor]:
+    """All tensors of one source file; safetensors are zero-copy views (no data read until touched)."""
+    if src.header is not None:
+        return _safetensors_views(src)
+    sd = _torch_load(src.path)
+    src.keys = list(sd)
+    src.dtypes = {k: v.dtype for k, v in sd.items()}
+    src.shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    return sd

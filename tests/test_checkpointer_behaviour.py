@@ -63,7 +63,7 @@ def test_multiple_files_partition_follows_sources(tmp_path):
     ck = FullModelHFCheckpointer(str(ckpt), list(reversed(paths)), "LLAMA2", str(tmp_path / "out"))
     state = ck.load_checkpoint()
     assert ck._weight_map["model.embed_tokens.weight"] == "0001"
-    assert ck._weight_map["model.layers.1.mlp.w1.weight" if False else "model.layers.1.mlp.up_proj.weight"] == "0002"
+    assert ck._weight_map["model.layers.1.mlp.up_proj.weight"] == "0002"
     ck.save_checkpoint(state, epoch=1)
     folder = tmp_path / "out" / "epoch_1"
     for i, part in enumerate(parts, 1):
@@ -100,14 +100,17 @@ def test_gemma_tied_with_head_dim(tmp_path):
     assert len(state["model"]) == len(sd) and "output.weight" not in state["model"]
     assert state["model"]["layers.0.attn.q_proj.weight"].shape == (64, 64)
     ck.save_checkpoint(state, epoch=0)
-    assert (tmp_path / "out/epoch_0/model.safetensors").read_bytes() == (tmp_path / "hf/model.safetensors").read_bytes()
+    out_file = tmp_path / "out/epoch_0/model.safetensors"
+    assert out_file.read_bytes() == (tmp_path / "hf/model.safetensors").read_bytes()
 
 
 def test_bin_output_and_index(tmp_path):
     spec = LlamaSpec()
     sd = llama_state_dict(spec)
     names = write_hf_checkpoint(tmp_path / "hf", sd, split_keys(list(sd), [6]), spec.config())
-    ck = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3", str(tmp_path / "out"), safe_serialization=False)
+    ck = FullModelHFCheckpointer(
+        str(tmp_path / "hf"), names, "LLAMA3", str(tmp_path / "out"), safe_serialization=False
+    )
     ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
     folder = tmp_path / "out" / "epoch_0"
     index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
@@ -141,7 +144,8 @@ def test_intermediate_checkpoint_recipe_state_and_no_mutation(tmp_path):
     assert torch.equal(recipe["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
     # saving twice with the same dict works, and the result is the same
     ck.save_checkpoint(state, epoch=0)
-    assert (tmp_path / "out/epoch_0/model.safetensors").read_bytes() == (tmp_path / "hf/model.safetensors").read_bytes()
+    out_file = tmp_path / "out/epoch_0/model.safetensors"
+    assert out_file.read_bytes() == (tmp_path / "hf/model.safetensors").read_bytes()
 
 
 def test_save_before_load_and_new_keys(tmp_path):
@@ -149,8 +153,8 @@ def test_save_before_load_and_new_keys(tmp_path):
     sd = llama_state_dict(spec)
     names = write_hf_checkpoint(tmp_path / "hf", sd, split_keys(list(sd), [7]), spec.config())
     ck = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3_2", str(tmp_path / "out"))
-    model = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3_2", str(tmp_path / "o2")).load_checkpoint()["model"]
-    model = dict(model)
+    other = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3_2", str(tmp_path / "o2"))
+    model = dict(other.load_checkpoint()["model"])
     model["output.weight"] = torch.randn(spec.vocab, spec.hidden).to(spec.dtype)  # untied fine-tune
     ck.save_checkpoint({"model": model}, epoch=0)  # no load_checkpoint on this instance
     folder = tmp_path / "out" / "epoch_0"
@@ -159,7 +163,8 @@ def test_save_before_load_and_new_keys(tmp_path):
     assert index["weight_map"]["lm_head.weight"] == "model-00003-of-00003.safetensors"
     # the renamed shards are byte-identical to the originals
     for i in (1, 2):
-        assert (folder / f"model-0000{i}-of-00003.safetensors").read_bytes() == (tmp_path / "hf" / names[i - 1]).read_bytes()
+        renamed = folder / f"model-0000{i}-of-00003.safetensors"
+        assert renamed.read_bytes() == (tmp_path / "hf" / names[i - 1]).read_bytes()
     keys = set()
     for name in set(index["weight_map"].values()):
         keys |= set(load_file(str(folder / name)))
@@ -247,7 +252,8 @@ def test_unsupported_family_raises_not_implemented_or_loads(tmp_path):
 def test_formatted_checkpoint_files():
     f = FormattedCheckpointFiles.from_dict({"filename_format": "model_{}_of_{}.pt", "max_filename": "0012"})
     assert f.build_checkpoint_filenames() == [f"model_{i:04d}_of_0012.pt" for i in range(1, 13)]
-    assert FormattedCheckpointFiles("model-{}-of-{}.safetensors", "3").build_checkpoint_filenames()[0] == "model-1-of-3.safetensors"
+    three = FormattedCheckpointFiles("model-{}-of-{}.safetensors", "3").build_checkpoint_filenames()
+    assert three[0] == "model-1-of-3.safetensors"
     with pytest.raises(ValueError, match="Must pass 'filename_format'"):
         FormattedCheckpointFiles.from_dict({"max_filename": "2"})
     with pytest.raises(ValueError, match="`max_filename` must be a string"):

@@ -46,8 +46,8 @@ from .layout import (
     torch_ready,
 )
 from .paths import (
-    FormattedCheckpointFiles,
     STAGING_MARK,
+    FormattedCheckpointFiles,
     check_outdir_not_in_ckptdir,
     copy_files,
     get_largest_iter_folder,

@@ -49,7 +49,11 @@ _MODULES = [
     ("layers.{n}.mlp.w3", "model.layers.{n}.mlp.up_proj"),
     ("output", "lm_head"),
 ]
-_SUFFIXES = [("lora_a.weight", "lora_A.weight"), ("lora_b.weight", "lora_B.weight"), ("magnitude", "lora_magnitude_vector")]
+_SUFFIXES = [
+    ("lora_a.weight", "lora_A.weight"),
+    ("lora_b.weight", "lora_B.weight"),
+    ("magnitude", "lora_magnitude_vector"),
+]
 
 
 def _table(output_module: str = "lm_head") -> KeyTable:

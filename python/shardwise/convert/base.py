@@ -24,6 +24,8 @@ __all__ = [
     "Op",
     "identity_op",
     "materialize",
+    "same_layout",
+    "tied_op",
     "permute_to_hf",
     "permute_to_tune",
 ]
@@ -44,6 +46,36 @@ class Op:
 def identity_op(key: str, t: Tensor) -> Op:
     """An op that returns ``t`` itself under ``key``."""
     return Op(key, t.dtype, tuple(t.shape), lambda: t)
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same dtype and shape (metadata only; no tensor data is read)."""
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
+
+
+def tied_op(key: str, current: Tensor, kept: Tensor, original: Tensor | None = None) -> Op:
+    """A tensor HF ties to another one (tied ``lm_head.weight``, T5 ``shared.weight``), written back.
+
+    ``kept`` is what the input file held under ``key``, ``original`` the tensor that load mapped to
+    ``current``. While ``current`` still equals ``original`` the kept bytes are emitted (exact round
+    trip even if the file's copy differed); once training changed it, the copy follows ``current`` so
+    the saved model stays consistent with HF's tying.
+    """
+
+    if original is not None and not same_layout(kept, original):
+        return identity_op(key, kept)  # not a copy of the tied tensor: write it back as it was
+
+    def make() -> Tensor:
+        if (
+            original is not None
+            and same_layout(kept, current)
+            and same_layout(original, current)
+            and torch.equal(original, current)
+        ):
+            return kept
+        return current
+
+    return Op(key, current.dtype, tuple(current.shape), make)
 
 
 def materialize(ops: Iterable[Op]) -> dict[str, Tensor]:
@@ -152,7 +184,7 @@ class Converter(ABC):
     #: human-readable family name, used in error messages
     family: str = ""
 
-    def validate_config(self, cfg: ModelConfig) -> None:
+    def validate_config(self, cfg: ModelConfig) -> None:  # noqa: B027 - optional hook
         """Raise ``ConfigError`` naming the missing field before anything is read or written."""
 
     @abstractmethod

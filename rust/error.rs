@@ -51,10 +51,16 @@ impl Error {
         }
     }
 
-    /// The OS error number of an I/O error (`EIO` when the error did not come from the OS).
+    /// The OS error number of an I/O error (`EINVAL` for an invalid argument such as a path with a
+    /// NUL byte, `EIO` for other errors that did not come from the OS).
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } => Some(source.raw_os_error().unwrap_or(libc::EIO)),
+            Error::Io { source, .. } => {
+                Some(source.raw_os_error().unwrap_or(match source.kind() {
+                    io::ErrorKind::InvalidInput => libc::EINVAL,
+                    _ => libc::EIO,
+                }))
+            }
             Error::Format { .. } => None,
         }
     }
@@ -140,6 +146,12 @@ mod tests {
         let err = Error::io("/x", "reading", io::Error::other("boom"));
         assert_eq!(err.errno(), Some(libc::EIO));
         assert_eq!(err.strerror(), "reading: boom");
+        let err = Error::io(
+            "/x",
+            "opening",
+            io::Error::from(io::ErrorKind::InvalidInput),
+        );
+        assert_eq!(err.errno(), Some(libc::EINVAL));
     }
 
     #[test]

@@ -136,7 +136,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(
-                f"{path}: expected all values in the state dict to be torch.Tensor. "
+                f"{path}: Expected all values in the state dict to be torch.Tensor. "
                 f"Found {type(v).__name__} instead (key {k!r})."
             )
     return sd

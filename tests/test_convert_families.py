@@ -485,7 +485,7 @@ def run_ops(ops: list[Op]) -> HF:
 # round trips
 # ----------------------------------------------------------------------------------------------------
 
-_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -495,6 +495,50 @@ def test_round_trip_exact(family: str, data: st.DataObject) -> None:
     p = data.draw(params(family))
     hf, _, res, ops = convert(family, p)
     assert_same(run_ops(ops), hf)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_trained_weights_are_written(family: str, data: st.DataObject) -> None:
+    """Doubling every torchtune tensor doubles exactly the HF tensors it came from (the conversion commutes
+    with elementwise edits): nothing stale is written back once a weight changed. Tied copies follow the
+    embedding, tile tables are rebuilt, and keys only kept aside stay as they were."""
+    p = data.draw(params(family))
+    hf, cfg, res, _ = convert(family, p)
+    conv = get_converter(FAMILIES[family].model_type)
+    out = conv.tune_to_hf({k: v * 2 for k, v in res.tune.items()}, cfg, res.aside)
+    assert set(out) == set(hf)
+    tied: dict[str, str] = {}
+    if family in ("QWEN2", "QWEN3") and cfg.get("tie_word_embeddings"):
+        tied["lm_head.weight"] = "model.embed_tokens.weight"
+    if family == "T5_ENCODER":
+        src = "encoder.embed_tokens.weight" if "encoder.embed_tokens.weight" in hf else "shared.weight"
+        for k in ("shared.weight", "decoder.embed_tokens.weight") + (
+                ("lm_head.weight",) if cfg.get("tie_word_embeddings", True) else ()):
+            if k != src:
+                tied[k] = src
+    dims = VisionDims.from_config(cfg) if family == "LLAMA3_VISION" else None
+
+    def aside_only(k: str) -> bool:
+        if "inv_freq" in k or k == "score.bias":
+            return True
+        if family == "CLIP_TEXT":
+            return not k.startswith("text_model.") or k.endswith("position_ids")
+        if family == "T5_ENCODER":
+            return k.startswith("decoder.") or k == "lm_head.weight"
+        return False
+
+    for k, t in hf.items():
+        if k in tied:
+            expect = hf[tied[k]] * 2
+        elif dims is not None and k.endswith(("tile_embedding.weight", "tile_positional_embedding.embedding.weight")):
+            expect = tiles_tune_to_hf(tiles_hf_to_tune(t, dims) * 2, dims)
+        elif aside_only(k):
+            expect = t
+        else:
+            expect = t * 2
+        assert out[k].dtype == t.dtype and torch.equal(out[k], expect), k
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -963,3 +1007,16 @@ def test_config_bad_values() -> None:
 def test_every_model_type_registered() -> None:
     for mt in ModelType:
         assert get_converter(mt) is not None
+
+
+def test_tied_copy_with_other_layout_is_written_back_verbatim() -> None:
+    """A file's lm_head.weight that cannot be a copy of the embedding (other shape) is never replaced."""
+    hf, cfg_dict = make_qwen2(P(tied=True, lm_head=True))
+    hf = dict(hf)
+    hf["lm_head.weight"] = torch.randn(3, 5)
+    cfg = ModelConfig(cfg_dict)
+    conv = get_converter(ModelType.QWEN2)
+    res = conv.hf_to_tune(hf, cfg)
+    trained = {k: v * 2 for k, v in res.tune.items()}
+    out = conv.tune_to_hf(trained, cfg, res.aside)
+    assert out["lm_head.weight"] is hf["lm_head.weight"]

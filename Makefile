@@ -23,7 +23,7 @@ run: build
 
 test-rust:
 	cargo fmt --check
-	cargo clippy --all-targets --quiet -- -D warnings
+	cargo clippy --all-targets --all-features --quiet -- -D warnings
 	cargo test --quiet
 
 test-py: build

@@ -12,7 +12,8 @@ from .llama import LlamaConverter
 from .llama3_vision import Llama3VisionConverter
 from .llama4 import Llama4Converter
 from .phi3 import Phi3Converter
-from .qwen2 import Qwen2Converter, Qwen3Converter
+from .qwen2 import Qwen2Converter
+from .qwen3 import Qwen3Converter
 from .reward import RewardConverter
 from .t5 import T5EncoderConverter
 

@@ -1,5 +1,5 @@
-"""QWEN2 (and, with q/k norms, QWEN3): generic names plus q/k/v biases, no RoPE permutation
-(torchtune's Qwen uses rotate-half like HF). A tied ``lm_head.weight`` is kept aside on load and
+"""QWEN2: generic names plus q/k/v biases, no RoPE permutation (torchtune's Qwen2 uses rotate-half
+like HF). With ``tie_word_embeddings`` a ``lm_head.weight`` in the files is kept aside on load and
 written back on save only if the input had it, as a copy of the current token embedding."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from ..config import ModelConfig
 from .base import Converter, KeyTable, LoadResult, Op, identity_op, tied_op
 from .llama import attention_dims
 
-__all__ = ["QWEN2_TABLE", "QWEN3_TABLE", "Qwen2Converter", "Qwen3Converter"]
+__all__ = ["QWEN2_PAIRS", "QWEN2_TABLE", "Qwen2Converter"]
 
-_QWEN2_PAIRS: list[tuple[str, str | None]] = [
+QWEN2_PAIRS: list[tuple[str, str | None]] = [
     ("model.embed_tokens.weight", "tok_embeddings.weight"),
     ("model.layers.{n}.self_attn.q_proj.weight", "layers.{n}.attn.q_proj.weight"),
     ("model.layers.{n}.self_attn.q_proj.bias", "layers.{n}.attn.q_proj.bias"),
@@ -33,14 +33,7 @@ _QWEN2_PAIRS: list[tuple[str, str | None]] = [
     ("lm_head.weight", "output.weight"),
 ]
 
-QWEN2_TABLE = KeyTable(_QWEN2_PAIRS)
-QWEN3_TABLE = KeyTable(
-    _QWEN2_PAIRS
-    + [
-        ("model.layers.{n}.self_attn.q_norm.weight", "layers.{n}.attn.q_norm.scale"),
-        ("model.layers.{n}.self_attn.k_norm.weight", "layers.{n}.attn.k_norm.scale"),
-    ]
-)
+QWEN2_TABLE = KeyTable(QWEN2_PAIRS)
 
 _EMBED = "model.embed_tokens.weight"
 _LM_HEAD = "lm_head.weight"
@@ -50,7 +43,7 @@ class Qwen2Converter(Converter):
     """HF Qwen2 keys ⇄ torchtune keys (no permutation; ``tie_word_embeddings`` decides the lm_head)."""
 
     family = "qwen2"
-    table = QWEN2_TABLE
+    table: KeyTable = QWEN2_TABLE
 
     def validate_config(self, cfg: ModelConfig) -> None:
         attention_dims(cfg)
@@ -78,14 +71,12 @@ class Qwen2Converter(Converter):
         self, tune: Mapping[str, torch.Tensor], cfg: ModelConfig, aside: Mapping[str, torch.Tensor]
     ) -> list[Op]:
         inverse = self.table.inverse()
-        ops = [identity_op(inverse.map(k, self.family) or k, t) for k, t in tune.items()]
+        ops: list[Op] = []
+        for key, t in tune.items():
+            new = inverse.map(key, self.family)
+            assert new is not None
+            ops.append(identity_op(new, t))
         if _LM_HEAD in aside and "output.weight" not in tune and "tok_embeddings.weight" in tune:
             ops.append(tied_op(_LM_HEAD, tune["tok_embeddings.weight"], aside[_LM_HEAD], aside.get(_EMBED)))
         return self.append_aside(ops, aside)
 
-
-class Qwen3Converter(Qwen2Converter):
-    """Qwen2 plus ``q_norm``/``k_norm``; a tied ``lm_head.weight`` mirrors the input (kept iff it was there)."""
-
-    family = "qwen3"
-    table = QWEN3_TABLE

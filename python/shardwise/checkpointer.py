@@ -54,8 +54,8 @@ from .paths import (
     is_staging_name,
     resolve_checkpoint_files,
 )
-from .recipe_state import atomic_torch_save, load_recipe_state, save_recipe_state
-from .shards import SourceFile, byte_view, load_source_tensors, read_sources
+from .recipe_state import atomic_torch_save, commit, load_recipe_state, recipe_keys, stage_torch_save
+from .shards import DTYPE_TO_ST, SourceFile, byte_view, load_source_tensors, read_sources
 
 __all__ = ["FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
@@ -182,7 +182,19 @@ class FullModelHFCheckpointer:
             )
 
     # ------------------------------------------------------------------ path resolution
+    def _latest_checkpoint_folder(self) -> Path | None:
+        """The newest complete ``epoch_N`` (else ``step_N``) folder of ``output_dir``: numeric order,
+        files, temporary/incomplete folders (dot names) and empty folders ignored."""
+        for prefix in ("epoch", "step"):
+            latest = get_largest_iter_folder(self._output_dir, rf"^{prefix}_(\d+)$", skip_empty=True)
+            if latest is not None:
+                return self._output_dir / latest
+        return None
+
     def _resolve_adapter_checkpoint(self, adapter_checkpoint: str | None) -> Path | None:
+        """Explicit ``adapter_checkpoint`` (relative to ``output_dir``; must exist), else the adapter of
+        the latest checkpoint folder: ``adapter_model.pt``, or a PEFT ``adapter_model.safetensors``/
+        ``.bin`` (converted back to torchtune keys on load). None when not resuming or no adapter."""
         if not self._should_load_recipe_state:
             return None
         if adapter_checkpoint:
@@ -193,13 +205,13 @@ class FullModelHFCheckpointer:
                     "(it is resolved relative to output_dir)"
                 )
             return p
-        latest = get_largest_iter_folder(self._output_dir)
-        if latest is None:
+        folder = self._latest_checkpoint_folder()
+        if folder is None:
             return None
-        folder = self._output_dir / latest
-        for name in (f"{ADAPTER_MODEL_FNAME}.pt",):
-            if (folder / name).is_file():
-                return folder / name
+        for ext in ("pt", "safetensors", "bin"):
+            p = folder / f"{ADAPTER_MODEL_FNAME}.{ext}"
+            if p.is_file():
+                return p
         return None
 
     def _resolve_recipe_checkpoint(self, recipe_checkpoint: str | None) -> Path | None:
@@ -211,28 +223,49 @@ class FullModelHFCheckpointer:
             else self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
         )
         if not p.is_file():
+            if self._latest_checkpoint_folder() is None:
+                where = f"{self._output_dir} holds no checkpoint (no epoch_N/ or step_N/ folder) to resume from"
+            else:
+                where = (
+                    f"the checkpoints in {self._output_dir} were saved without intermediate_checkpoint=True, "
+                    "so there is no recipe state to resume from"
+                )
             raise ValueError(
                 "If should_load_recipe_state is True, recipe_checkpoint file must be provided. "
-                f"No recipe state found at {p}: {self._output_dir} holds no intermediate checkpoint to "
-                "resume from (pass recipe_checkpoint=..., relative to output_dir, or resume=False)."
+                f"No recipe state at {p}: {where} (pass recipe_checkpoint=..., relative to output_dir, "
+                "or should_load_recipe_state=False to start a new run)."
             )
         return p
 
     def _resolve_model_paths(self, checkpoint_files: Any) -> list[Path]:
+        """torchtune's rules: the base files in ``checkpoint_dir`` unless resuming a full fine-tune; then
+        ``checkpoint_files`` relative to ``output_dir`` (``epoch_N/model-...``), or the same names in the
+        latest checkpoint folder (also when given as absolute paths into ``checkpoint_dir``, which
+        torchtune would silently resolve to the base weights)."""
         resuming_full = self._should_load_recipe_state and self._adapter_checkpoint is None
         if not resuming_full:
             return resolve_checkpoint_files(checkpoint_files, self._checkpoint_dir)
+        latest = self._latest_checkpoint_folder()
         try:
-            return resolve_checkpoint_files(checkpoint_files, self._output_dir)
+            paths = resolve_checkpoint_files(checkpoint_files, self._output_dir)
         except ValueError as first:
-            # torchtune needs "epoch_N/..." prefixes; also accept the bare names from the latest epoch
-            latest = get_largest_iter_folder(self._output_dir)
             if latest is None:
                 raise
             try:
-                return resolve_checkpoint_files(checkpoint_files, self._output_dir / latest)
+                return resolve_checkpoint_files(checkpoint_files, latest)
             except ValueError:
                 raise first from None
+        ckpt = self._checkpoint_dir.resolve()
+        if latest is not None and all(ckpt in p.resolve().parents for p in paths):
+            moved = [latest / p.resolve().relative_to(ckpt) for p in paths]
+            if all(m.is_file() for m in moved):
+                logger.warning(
+                    "Resuming a full fine-tune: checkpoint_files point into checkpoint_dir (the base weights); "
+                    "loading the same files from %s instead",
+                    latest,
+                )
+                return resolve_checkpoint_files([str(m) for m in moved], latest)
+        return paths
 
     # ------------------------------------------------------------------ load
     def _load_model(self) -> dict[str, torch.Tensor]:
@@ -285,15 +318,33 @@ class FullModelHFCheckpointer:
         return state
 
     def _load_adapter(self, path: Path) -> dict[str, torch.Tensor]:
+        """A torchtune ``adapter_model.pt``, or a PEFT ``adapter_model.safetensors``/``.bin`` (written by
+        shardwise or by PEFT) converted back to torchtune keys."""
+        metadata: dict[str, str] | None = None
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            return peft.peft_to_tune_adapter_weights(load_file(str(path)), self._model_type, self._config)
-        state = load_recipe_state(path)
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    metadata = f.metadata()
+                    state: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"Unable to load checkpoint from {path}. ({e})") from e
+        else:
+            state = load_recipe_state(path)
         for k, v in state.items():
             if not isinstance(v, torch.Tensor):
                 raise CheckpointError(f"{path}: adapter value for {k!r} is a {type(v).__name__}, not a tensor")
-        return state
+        if not any(k.startswith(peft.PEFT_PREFIX) for k in state):
+            return state
+        try:
+            return peft.peft_to_tune_adapter_weights(state, self._model_type, self._config, metadata)
+        except (ConversionError, peft.PeftExportError) as e:
+            raise ConversionError(
+                f"{path}: this PEFT adapter cannot be converted back to torchtune keys ({e}). Pass "
+                f"adapter_checkpoint='<epoch_N>/{ADAPTER_MODEL_FNAME}.pt' (relative to output_dir), the "
+                "torchtune-format adapter saved next to it"
+            ) from e
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(
@@ -332,28 +383,35 @@ class FullModelHFCheckpointer:
 
         final = self._output_dir / f"{dir_prefix}_{number}"
         self._output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_leftovers(self._output_dir)
         staging = self._output_dir / f".{final.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        recipe_path = self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
+        recipe_tmp: Path | None = None
         staging.mkdir()
         try:
             if model is not None:
                 self._write_model(model, staging, cap)
-            if adapter is not None:
-                self._write_adapter(adapter, staging)
-            if ADAPTER_CONFIG in state_dict:
-                self._write_adapter_config(state_dict[ADAPTER_CONFIG], adapter, staging)
+            self._write_adapter_files(state_dict, adapter, staging)
             copy_files(self._checkpoint_dir, staging)
+            if intermediate_checkpoint:
+                # staged before anything is published, so a write error leaves output_dir as it was
+                recipe_tmp = stage_torch_save(
+                    recipe_keys(state_dict), recipe_path, fsync=self._fsync,
+                    tmp=self._output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
+                )
             if self._fsync:
                 _fsync_tree(staging)
             _core.publish_dir(str(staging), str(final))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if recipe_tmp is not None:
+                recipe_tmp.unlink(missing_ok=True)
             raise
         logger.info("Checkpoint saved to %s", final)
 
-        if intermediate_checkpoint:
-            path = self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
-            size = save_recipe_state(state_dict, path, fsync=self._fsync)
-            logger.info("Recipe checkpoint of size %s saved to %s", _gib(size), path)
+        if recipe_tmp is not None:
+            commit(recipe_tmp, recipe_path, fsync=self._fsync)
+            logger.info("Recipe checkpoint of size %s saved to %s", _gib(recipe_path.stat().st_size), recipe_path)
         else:
             logger.info("Saving final %s checkpoint.", dir_prefix)
             if adapter_only:
@@ -368,7 +426,7 @@ class FullModelHFCheckpointer:
                     "successfully. You can now use this checkpoint for further training or inference."
                 )
         if self._keep_last_n is not None:
-            self._prune(dir_prefix)
+            self._prune(dir_prefix, keep=final.name)
 
     def _ensure_sources(self) -> None:
         if self._weight_map is None:
@@ -425,51 +483,97 @@ class FullModelHFCheckpointer:
             if pending is not None:
                 pending.result()
 
-    def _write_adapter(self, adapter: Mapping[str, torch.Tensor], folder: Path) -> None:
-        pt = folder / f"{ADAPTER_MODEL_FNAME}.pt"
-        atomic_torch_save({k: torch_ready(v) for k, v in adapter.items()}, pt, fsync=False)
-        logger.info("Adapter checkpoint of size %s saved to %s", _gib(pt.stat().st_size), pt)
-        if not peft.supports_peft(self._model_type):
-            logger.warning(
-                "Saving %s adapter weights to PEFT format is not supported, saving to torchtune format instead",
-                self._model_type.name,
-            )
-            return
-        weights = peft.tune_to_peft_adapter_weights(adapter, self._model_type, self._config)
-        if self._safe_serialization:
-            from safetensors.torch import save_file
-
-            out = folder / f"{ADAPTER_MODEL_FNAME}.safetensors"
-            save_file({k: torch_ready(v) for k, v in weights.items()}, str(out), metadata={"format": "pt"})
-        else:
-            out = folder / f"{ADAPTER_MODEL_FNAME}.bin"
-            atomic_torch_save({k: torch_ready(v) for k, v in weights.items()}, out, fsync=False)
-        logger.info("Adapter checkpoint of size %s saved to %s", _gib(out.stat().st_size), out)
-
-    def _write_adapter_config(
-        self, adapter_config: Mapping[str, Any], adapter: Mapping[str, torch.Tensor] | None, folder: Path
+    def _write_adapter_files(
+        self, state_dict: Mapping[str, Any], adapter: Mapping[str, torch.Tensor] | None, folder: Path
     ) -> None:
+        """``adapter_model.pt`` (torchtune keys, for resuming), ``adapter_model.safetensors``/``.bin``
+        (PEFT keys) and ``adapter_config.json`` (PEFT); PEFT files only where PEFT can represent the
+        adapter exactly, otherwise a warning (as torchtune does for Phi and Llama-3.2-Vision)."""
+        export: peft.PeftAdapter | None = None
+        reason: str | None = None
         if not peft.supports_peft(self._model_type):
+            reason = f"PEFT has no equivalent for ModelType.{self._model_type.name} adapters"
+        if adapter is not None:
+            pt = folder / f"{ADAPTER_MODEL_FNAME}.pt"
+            atomic_torch_save({k: torch_ready(v) for k, v in adapter.items()}, pt, fsync=False)
+            logger.info("Adapter checkpoint of size %s saved to %s", _gib(pt.stat().st_size), pt)
+            if reason is None:
+                try:
+                    export = peft.tune_to_peft_adapter(adapter, self._model_type, self._config)
+                except peft.PeftExportError as e:
+                    reason = str(e)
+            if reason is not None:
+                logger.warning(
+                    "Saving %s adapter weights to PEFT format is not supported (%s), saving to torchtune "
+                    "format instead",
+                    self._model_type.name, reason,
+                )
+            else:
+                assert export is not None
+                self._write_peft_weights(export, folder)
+        if ADAPTER_CONFIG not in state_dict:
+            return
+        cfg: dict[str, Any] | None = None
+        if reason is None:
+            try:
+                cfg = peft.tune_to_peft_adapter_config(
+                    state_dict[ADAPTER_CONFIG], self._model_type, self.repo_id, export, self._config
+                )
+            except peft.PeftExportError as e:
+                reason = str(e)
+        if cfg is None:
             logger.warning(
-                "PEFT integration for %s is not supported, skipping adapter config save", self._model_type.name
+                "PEFT integration for %s is not supported (%s), skipping adapter config save",
+                self._model_type.name, reason,
             )
             return
-        cfg = peft.tune_to_peft_adapter_config(adapter_config, self._model_type, self.repo_id, adapter)
         out = folder / f"{ADAPTER_CONFIG_FNAME}.json"
         out.write_text(json.dumps(cfg, indent=2) + "\n")
         logger.info("Adapter config saved to %s", out)
 
-    def _prune(self, prefix: str) -> None:
+    def _write_peft_weights(self, export: peft.PeftAdapter, folder: Path) -> None:
+        weights = {k: torch_ready(v) for k, v in export.weights.items()}
+        if self._safe_serialization:
+            out = folder / f"{ADAPTER_MODEL_FNAME}.safetensors"
+            dtypes = []
+            for k, t in weights.items():
+                if t.dtype not in DTYPE_TO_ST:
+                    raise ConversionError(f'"{k}": dtype {t.dtype} cannot be stored in safetensors')
+                dtypes.append(DTYPE_TO_ST[t.dtype])
+            header, offsets = _core.fresh_layout(
+                list(weights), dtypes, [list(t.shape) for t in weights.values()], export.metadata()
+            )
+            pieces = [(begin, byte_view(t)) for (begin, _), t in zip(offsets, weights.values())]
+            _core.write_file(str(out), header, pieces, False)
+        else:
+            out = folder / f"{ADAPTER_MODEL_FNAME}.bin"
+            atomic_torch_save(weights, out, fsync=False)
+        logger.info("Adapter checkpoint of size %s saved to %s", _gib(out.stat().st_size), out)
+
+    def _prune(self, prefix: str, keep: str | None = None) -> None:
+        """Delete all but the newest ``keep_last_n_checkpoints`` complete ``{prefix}_N`` folders (never
+        ``keep``, the one just saved). Each is first renamed to a temporary name, so a crash while
+        deleting never leaves a partial folder that looks like a checkpoint."""
+        assert self._keep_last_n is not None
         rx = re.compile(rf"^{prefix}_(\d+)$")
         found = []
         for name in os.listdir(self._output_dir):
             m = rx.match(name)
-            if m and not is_staging_name(name) and (self._output_dir / name).is_dir():
+            if m and name != keep and not is_staging_name(name) and (self._output_dir / name).is_dir():
                 found.append((int(m.group(1)), name))
         found.sort()
-        assert self._keep_last_n is not None
-        for _, name in found[: max(0, len(found) - self._keep_last_n)]:
-            shutil.rmtree(self._output_dir / name, ignore_errors=True)
+        surplus = max(0, len(found) + (1 if keep else 0) - self._keep_last_n)
+        for _, name in found[:surplus]:
+            doomed = self._output_dir / f".{name}{STAGING_MARK}old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(self._output_dir / name, doomed)
+            except OSError as e:
+                logger.warning("Could not remove old checkpoint %s: %s", self._output_dir / name, e)
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+            logger.info("Removed old checkpoint %s (keep_last_n_checkpoints=%d)", name, self._keep_last_n)
+        if surplus and self._fsync:
+            _core.fsync_dir(str(self._output_dir))
 
 
 def _check_tensors(d: Any, what: str) -> None:
@@ -487,6 +591,42 @@ def _made(op: Op) -> torch.Tensor:
             f'"{op.key}": conversion produced {t.dtype} {tuple(t.shape)}, expected {op.dtype} {op.shape}'
         )
     return t
+
+
+_LEFTOVER = re.compile(re.escape(STAGING_MARK) + r"(?:old-|tmp-)?(\d+)(?:-|$)")
+_LEFTOVER_AGE = 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_leftovers(folder: Path) -> None:
+    """Delete temporary checkpoint folders/files a crashed save left in ``folder``: names with the
+    staging mark whose process is gone and that are older than an hour (another host may share the
+    folder, so a live save there must never lose its staging folder)."""
+    import time
+
+    now = time.time()
+    for entry in os.scandir(folder):
+        m = _LEFTOVER.search(entry.name)
+        if not m or not is_staging_name(entry.name) or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < _LEFTOVER_AGE or _pid_alive(int(m.group(1))):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -133,9 +133,12 @@ def check_outdir_not_in_ckptdir(ckpt_dir: Path, out_dir: Path) -> bool:
     return True
 
 
-def get_largest_iter_folder(dir: str | os.PathLike[str], pattern: str = r"^epoch_(\d+)$") -> str | None:
+def get_largest_iter_folder(
+    dir: str | os.PathLike[str], pattern: str = r"^epoch_(\d+)$", *, skip_empty: bool = False
+) -> str | None:
     """Name of the complete checkpoint folder with the largest number (``epoch_10`` after ``epoch_9``);
-    files, temporary folders and names like ``epoch_7.txt`` or ``epoch_3_old`` are ignored."""
+    files, temporary folders and names like ``epoch_7.txt`` or ``epoch_3_old`` are ignored, and empty
+    folders too with ``skip_empty``."""
     d = Path(dir)
     if not d.is_dir():
         return None
@@ -147,6 +150,10 @@ def get_largest_iter_folder(dir: str | os.PathLike[str], pattern: str = r"^epoch
             continue
         if m.end() != len(entry):
             continue
+        if skip_empty:
+            with os.scandir(d / entry) as it:
+                if next(it, None) is None:
+                    continue
         n = int(m.group(1))
         if best is None or n > best[0]:
             best = (n, entry)

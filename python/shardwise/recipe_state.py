@@ -16,7 +16,15 @@ from . import _core
 from .constants import NON_RECIPE_KEYS
 from .errors import CheckpointError, CheckpointIOError
 
-__all__ = ["atomic_torch_save", "load_recipe_state", "recipe_keys", "save_recipe_state"]
+__all__ = [
+    "atomic_torch_save",
+    "commit",
+    "load_recipe_state",
+    "recipe_keys",
+    "save_recipe_state",
+    "stage_torch_save",
+    "temp_name",
+]
 
 
 def recipe_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -24,25 +32,53 @@ def recipe_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state_dict.items() if k not in NON_RECIPE_KEYS}
 
 
-def atomic_torch_save(obj: object, path: Path, fsync: bool = True) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.shardwise-tmp-{os.getpid()}")
+def _io_error(e: OSError, path: Path) -> CheckpointIOError:
+    return CheckpointIOError(e.errno or 5, e.strerror or str(e), str(path))
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary name ``path`` is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.shardwise-tmp-{os.getpid()}")
+
+
+def stage_torch_save(obj: object, path: Path, fsync: bool = True, tmp: Path | None = None) -> Path:
+    """``torch.save`` to a temporary file (``tmp``, by default next to ``path``; it must be on the same
+    filesystem), fsynced; returns it. Nothing is left behind on failure. ``commit`` renames it into place."""
+    if tmp is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if fsync:
-            _core.fsync_dir(str(path.parent))
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointIOError(e.errno or 5, e.strerror or str(e), str(path)) from e
+        raise _io_error(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def commit(tmp: Path, path: Path, fsync: bool = True) -> None:
+    """Atomically replace ``path`` with the staged ``tmp`` (readers see the old or the new file)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+        if fsync:
+            _core.fsync_dir(str(path.parent))
+            if tmp.parent != path.parent:
+                _core.fsync_dir(str(tmp.parent))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _io_error(e, path) from e
+
+
+def atomic_torch_save(obj: object, path: Path, fsync: bool = True) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    commit(stage_torch_save(obj, path, fsync), path, fsync)
 
 
 def save_recipe_state(state_dict: Mapping[str, Any], path: Path, fsync: bool = True) -> int:

@@ -25,6 +25,7 @@ from .constants import (
 )
 from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError, HeaderError
 from .paths import FormattedCheckpointFiles, get_largest_iter_folder
+from .report import Problem, Report, compare, roundtrip, verify
 
 __version__ = "0.1.0"
 
@@ -50,7 +51,12 @@ __all__ = [
     "HeaderError",
     "ModelConfig",
     "ModelType",
+    "Problem",
+    "Report",
     "UnknownModelTypeError",
+    "compare",
     "get_largest_iter_folder",
     "parse_size",
+    "roundtrip",
+    "verify",
 ]

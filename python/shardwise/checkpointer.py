@@ -644,3 +644,10 @@ def _fsync_tree(folder: Path) -> None:
 
 # FormattedCheckpointFiles is part of this module's public surface in torchtune
 FormattedCheckpointFiles = FormattedCheckpointFiles
+
+
+def write_safetensors_shards(plan: SavePlan, folder: Path) -> None:
+    """Write the safetensors shards of ``plan`` into ``folder`` exactly as ``save_checkpoint`` does
+    (pipelined native writes, the GIL released; no index, no fsync). A public hook for tools built on
+    the checkpointer (``shardwise convert``); ``_write_safetensors`` uses no instance state."""
+    FullModelHFCheckpointer._write_safetensors(None, plan, folder)  # type: ignore[arg-type]

@@ -1,0 +1,325 @@
+"""Finding a checkpoint's weight files and index, and reading what their headers say (no tensor data).
+
+Used by the ``shardwise`` command and the report functions (``report.py``, ``tunedir.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
+from .errors import CheckpointError, CheckpointIOError
+from .paths import safe_join
+from .shards import DTYPE_TO_ST, SourceFile, load_source_tensors
+
+__all__ = ["FileInfo", "Index", "Scan", "TensorInfo", "not_a_folder", "read_files", "scan", "structure_problems"]
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+#: files next to the weights that are not model shards
+_NOT_SHARDS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "recipe_state.pt")
+_NOT_SHARD_PREFIXES = ("adapter_model", "rng_state", "shardwise-")
+
+
+def is_weight_file(name: str) -> bool:
+    """A model shard name (``*.safetensors``/``*.bin``/``*.pt``/``*.pth``), not an adapter or a trainer file."""
+    if name.startswith(".") or name in _NOT_SHARDS or name.startswith(_NOT_SHARD_PREFIXES):
+        return False
+    return name.endswith(".safetensors") or name.endswith(TORCH_SUFFIXES)
+
+
+def file_format(name: str) -> str:
+    return "safetensors" if name.endswith(".safetensors") else "torch"
+
+
+@dataclass
+class Index:
+    """An index file: raw bytes, parsed content, or the reason it could not be parsed."""
+
+    name: str
+    raw: bytes
+    data: dict[str, Any] | None
+    error: str | None = None
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        wm = (self.data or {}).get("weight_map")
+        return {str(k): str(v) for k, v in wm.items()} if isinstance(wm, dict) else {}
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        md = (self.data or {}).get("metadata")
+        return md if isinstance(md, dict) else {}
+
+
+def _read_index(path: Path) -> Index:
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return Index(path.name, raw, None, f"not valid JSON ({e})")
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        return Index(path.name, raw, None, "an index needs a 'weight_map' object")
+    if not all(isinstance(v, str) for v in data["weight_map"].values()):
+        return Index(path.name, raw, None, "every 'weight_map' value must be a file name")
+    return Index(path.name, raw, data)
+
+
+@dataclass
+class Scan:
+    """What a path holds: the folder, its index (if any) and its shard names in numeric order."""
+
+    root: Path
+    single_file: bool
+    index: Index | None
+    shards: list[str]  # listed by the index or present, in numeric order
+    listed: set[str] = field(default_factory=set)  # named by the index
+    present: set[str] = field(default_factory=set)  # weight files that exist (of the index's format)
+
+    def path(self, name: str) -> Path:
+        return safe_join(self.root, name, "shard")
+
+
+def not_a_folder(p: Path) -> CheckpointIOError:
+    """The error for a checkpoint folder argument that is missing or is a file."""
+    if not p.exists():
+        return CheckpointIOError(2, "no such file or directory", str(p))
+    return CheckpointIOError(20, "not a folder", str(p))
+
+
+def scan(path: str | os.PathLike[str]) -> Scan:
+    """A checkpoint folder (or one weight file): index and shards. ``CheckpointIOError`` when missing."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointIOError(2, "no such file or directory", str(p))
+    if p.is_file():
+        if p.name.endswith(".index.json"):
+            return scan_folder(p.parent, index_name=p.name)
+        if not (p.name.endswith(".safetensors") or p.name.endswith(TORCH_SUFFIXES)):
+            raise CheckpointError(f"{p}: not a checkpoint file (expected .safetensors, .bin, .pt or .pth)")
+        return Scan(p.parent, True, None, [p.name], set(), {p.name})
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: neither a file nor a folder")
+    return scan_folder(p)
+
+
+def scan_folder(folder: Path, index_name: str | None = None) -> Scan:
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise CheckpointIOError(e.errno or 5, e.strerror or str(e), str(folder)) from e
+    if index_name is None:
+        for candidate in (SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME, *sorted(names)):
+            if candidate.endswith(".index.json") and (folder / candidate).is_file():
+                index_name = candidate
+                break
+    index = _read_index(folder / index_name) if index_name else None
+    weights = [n for n in names if is_weight_file(n) and (folder / n).is_file()]
+    if index is not None:
+        fmt = "torch" if ".bin." in index.name or ".pt." in index.name else "safetensors"
+    else:
+        fmt = "safetensors" if any(file_format(n) == "safetensors" for n in weights) else "torch"
+    present = {n for n in weights if file_format(n) == fmt}
+    listed = set(index.weight_map.values()) if index is not None else set()
+    shards = _core.sort_shard_names(sorted(present | listed))
+    if index is None and not shards:
+        raise CheckpointError(f"{folder}: no checkpoint files (*.safetensors, *.bin, *.pt, *.pth) and no index")
+    return Scan(folder, False, index, list(shards), listed, present)
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype name (torch dtypes without one: their torch name)
+    shape: list[int]
+    offsets: tuple[int, int] | None  # (begin, end) relative to the data area; None for torch files
+    nbytes: int
+
+
+@dataclass
+class FileInfo:
+    """One weight file as its header (or pickle) describes it; ``error`` when it cannot be read."""
+
+    name: str
+    format: str
+    size: int | None = None
+    header: _core.SafetensorsHeader | None = None
+    tensors: list[TensorInfo] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        return None if self.header is None else self.header.metadata
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        return dict(sorted(Counter(t.dtype for t in self.tensors).items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "format": self.format,
+            "size": self.size,
+            "tensors": len(self.tensors),
+            "data_bytes": self.data_bytes,
+            "dtypes": self.dtypes,
+            "metadata": self.metadata,
+            "error": self.error,
+        }
+
+
+def _from_header(name: str, h: _core.SafetensorsHeader) -> FileInfo:
+    tensors = [
+        TensorInfo(n, dt, list(shape), (int(b), int(e)), int(e) - int(b))
+        for n, dt, shape, (b, e) in zip(h.names, h.dtypes, h.shapes, h.offsets)
+    ]
+    return FileInfo(name, "safetensors", h.file_size, h, tensors)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, CheckpointError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror)
+    return " ".join(str(e).split())
+
+
+def read_files(root: Path, names: Sequence[str], *, strict: bool = False, threads: int = 0) -> list[FileInfo]:
+    """Headers of every named file (safetensors in parallel, by the native core); torch files are opened
+    with ``torch.load(mmap=True, weights_only=True)``. With ``strict`` the first error is raised;
+    otherwise it is recorded in ``FileInfo.error``. Missing files get ``error="missing"``."""
+    out: dict[str, FileInfo] = {}
+    st: list[tuple[str, Path]] = []
+    for name in names:
+        try:
+            p = safe_join(root, name, "shard")
+        except CheckpointError as e:
+            if strict:
+                raise
+            out[name] = FileInfo(name, file_format(name), error=_one_line(e))
+            continue
+        if not p.is_file():
+            if strict:
+                raise CheckpointIOError(2, "no such file", str(p))
+            out[name] = FileInfo(name, file_format(name), error="missing")
+        elif file_format(name) == "safetensors":
+            st.append((name, p))
+        else:
+            out[name] = _torch_info(name, p, strict)
+    if st:
+        try:
+            headers = _core.read_headers([str(p) for _, p in st], threads)
+            out.update({n: _from_header(n, h) for (n, _), h in zip(st, headers)})
+        except (CheckpointError, OSError):
+            if strict:
+                raise
+            for n, p in st:  # find every bad file, not only the first
+                try:
+                    out[n] = _from_header(n, _core.read_header(str(p)))
+                except (CheckpointError, OSError) as e:
+                    out[n] = FileInfo(n, "safetensors", _size(p), error=_one_line(e))
+    return [out[n] for n in names]
+
+
+def _size(p: Path) -> int | None:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return None
+
+
+def _torch_info(name: str, p: Path, strict: bool) -> FileInfo:
+    try:
+        sd = load_source_tensors(SourceFile(p))
+    except (CheckpointError, OSError) as e:
+        if strict:
+            raise
+        return FileInfo(name, "torch", _size(p), error=_one_line(e))
+    tensors = [
+        TensorInfo(k, DTYPE_TO_ST.get(t.dtype, str(t.dtype)), list(t.shape), None, t.numel() * t.element_size())
+        for k, t in sd.items()
+    ]
+    return FileInfo(name, "torch", _size(p), None, tensors)
+
+
+def structure_problems(s: Scan, files: Iterable[FileInfo]) -> list[tuple[str, str, str | None, str | None]]:
+    """Consistency of index and shards: ``(kind, message, file, tensor)`` for every problem found.
+
+    Checks: the index parses; every file it names exists and is readable; every entry is in the shard
+    it names; no tensor is in two shards; no tensor or shard is outside the index; ``total_size`` is
+    the sum of the tensor bytes; several shards come with an index.
+    """
+    problems: list[tuple[str, str, str | None, str | None]] = []
+    infos = {f.name: f for f in files}
+    index = s.index
+    if index is not None and index.error is not None:
+        problems.append(("index", f"{index.name}: {index.error}", index.name, None))
+    for f in infos.values():
+        if f.error == "missing":
+            by = f"named by {index.name}" if index is not None else "expected"
+            problems.append(("missing-file", f"{f.name}: {by} but does not exist", f.name, None))
+        elif f.error is not None:
+            problems.append(("unreadable", f"{f.name}: {f.error}", f.name, None))
+    where: dict[str, list[str]] = {}
+    for f in infos.values():
+        for t in f.tensors:
+            where.setdefault(t.name, []).append(f.name)
+    for key, found in where.items():
+        if len(found) > 1:
+            problems.append(("duplicate-tensor", f"{key}: in {len(found)} shards ({', '.join(found)})", found[1], key))
+    if index is None:
+        if not s.single_file and len(s.shards) > 1:
+            problems.append(("index", f"{len(s.shards)} shards but no index file", None, None))
+        return problems
+    if index.error is not None:
+        return problems
+    wm = index.weight_map
+    for key, fname in wm.items():
+        f = infos.get(fname)
+        if f is None or not f.ok:
+            continue
+        if key not in {t.name for t in f.tensors}:
+            found = where.get(key)
+            if found:
+                msg = f"{key}: {index.name} says {fname}, but it is in {found[0]}"
+                problems.append(("wrong-shard", msg, fname, key))
+            else:
+                msg = f"{key}: listed in {index.name} for {fname}, not in that shard"
+                problems.append(("missing-tensor", msg, fname, key))
+    for f in infos.values():
+        if f.name not in s.listed:
+            problems.append(("unlisted-file", f"{f.name}: a shard that {index.name} does not list", f.name, None))
+            continue
+        for t in f.tensors:
+            if t.name not in wm:
+                problems.append(("unlisted-tensor", f"{t.name}: in {f.name} but not in {index.name}", f.name, t.name))
+    declared = index.metadata.get("total_size")
+    if declared is not None and all(f.ok for f in infos.values()):
+        seen: set[str] = set()
+        actual = 0
+        for f in infos.values():
+            if f.name not in s.listed:
+                continue
+            for t in f.tensors:
+                if t.name not in seen:
+                    seen.add(t.name)
+                    actual += t.nbytes
+        if not isinstance(declared, int) or isinstance(declared, bool) or declared != actual:
+            problems.append((
+                "total-size",
+                f"{index.name}: metadata.total_size is {declared!r}, the shards hold {actual} bytes of tensors",
+                index.name, None,
+            ))
+    return problems

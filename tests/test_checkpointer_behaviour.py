@@ -326,3 +326,25 @@ def test_logs_like_torchtune(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="shardwise"):
         ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
     assert "Model checkpoint of size" in caplog.text
+
+
+def test_tied_llama_with_stored_lm_head(tmp_path):
+    """A tied checkpoint that stores lm_head.weight anyway: no output.weight for torchtune's TiedLinear
+    model; the head is written back unchanged, and follows the embedding once that is fine-tuned."""
+    spec = LlamaSpec(lm_head=True, extra_config={"tie_word_embeddings": True})
+    sd = llama_state_dict(spec)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    names = write_hf_checkpoint(tmp_path / "hf", sd, split_keys(list(sd), [5]), spec.config())
+    ck = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3_2", str(tmp_path / "out"))
+    state = ck.load_checkpoint()
+    assert "output.weight" not in state["model"]
+    ck.save_checkpoint(state, epoch=0)
+    for n in names:
+        assert (tmp_path / "out/epoch_0" / n).read_bytes() == (tmp_path / "hf" / n).read_bytes()
+    model = dict(state["model"])
+    model["tok_embeddings.weight"] = model["tok_embeddings.weight"] + 1
+    ck.save_checkpoint({"model": model}, epoch=1)
+    out = {}
+    for n in names:
+        out.update(load_file(str(tmp_path / "out/epoch_1" / n)))
+    assert torch.equal(out["lm_head.weight"], model["tok_embeddings.weight"])

@@ -510,8 +510,11 @@ def test_trained_weights_are_written(family: str, data: st.DataObject) -> None:
     out = conv.tune_to_hf({k: v * 2 for k, v in res.tune.items()}, cfg, res.aside)
     assert set(out) == set(hf)
     tied: dict[str, str] = {}
-    if family in ("QWEN2", "QWEN3") and cfg.get("tie_word_embeddings"):
-        tied["lm_head.weight"] = "model.embed_tokens.weight"
+    tying = ("QWEN2", "QWEN3", "LLAMA2", "LLAMA3", "LLAMA3_2", "MISTRAL", "GEMMA", "GEMMA2")
+    if family in tying and cfg.get("tie_word_embeddings") and "lm_head.weight" in hf:
+        same = hf["lm_head.weight"].shape == hf["model.embed_tokens.weight"].shape
+        if same:
+            tied["lm_head.weight"] = "model.embed_tokens.weight"
     if family == "T5_ENCODER":
         src = "encoder.embed_tokens.weight" if "encoder.embed_tokens.weight" in hf else "shared.weight"
         for k in ("shared.weight", "decoder.embed_tokens.weight") + (

@@ -1,6 +1,7 @@
 """The generic Llama-family mapping (LLAMA2, LLAMA3, LLAMA3_2, MISTRAL, GEMMA): q/k RoPE permutation,
-``head_dim`` from config, ``rotary_emb.inv_freq`` kept aside, tied models without ``lm_head.weight``."""
-
+``head_dim`` from config, ``rotary_emb.inv_freq`` kept aside. Tied models (``tie_word_embeddings``)
+have no ``output.weight`` in torchtune (``TiedLinear``): a ``lm_head.weight`` stored anyway is kept
+aside and written back as the current embedding, so a strict load into a tied model works."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -8,9 +9,12 @@ from collections.abc import Mapping
 import torch
 
 from ..config import ModelConfig
-from .base import Converter, KeyTable, LoadResult, Op, identity_op, permute_to_hf, permute_to_tune
+from .base import Converter, KeyTable, LoadResult, Op, identity_op, permute_to_hf, permute_to_tune, tied_op
 
 __all__ = ["LlamaConverter", "LLAMA_TABLE", "attention_dims"]
+
+_LM_HEAD = "lm_head.weight"
+_EMBED = "model.embed_tokens.weight"
 
 LLAMA_TABLE = KeyTable(
     [
@@ -64,13 +68,16 @@ class LlamaConverter(Converter):
     def hf_to_tune(self, hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> LoadResult:
         n_heads, n_kv, head_dim = attention_dims(cfg, self.use_head_dim)
         out = LoadResult({})
+        tied = cfg.get("tie_word_embeddings") is True
         for key, t in hf.items():
-            new = self.table.map(key, self.family)
+            new = None if tied and key == _LM_HEAD else self.table.map(key, self.family)
             if new is None:
                 out.aside[key] = t
                 continue
             heads = self._heads_for(new, n_heads, n_kv)
             out.tune[new] = t if heads is None else permute_to_tune(t, heads, head_dim, key)
+        if _LM_HEAD in out.aside and _EMBED in hf:
+            out.aside[_EMBED] = hf[_EMBED]  # tells "unchanged" from "fine-tuned" on save
         return out
 
     def tune_to_hf_ops(
@@ -89,4 +96,6 @@ class LlamaConverter(Converter):
                     Op(new, t.dtype, tuple(t.shape),
                        lambda t=t, h=heads, k=key: permute_to_hf(t, h, head_dim, k))
                 )
+        if _LM_HEAD in aside and "output.weight" not in tune and "tok_embeddings.weight" in tune:
+            ops.append(tied_op(_LM_HEAD, tune["tok_embeddings.weight"], aside[_LM_HEAD], aside.get(_EMBED)))
         return self.append_aside(ops, aside)

@@ -743,6 +743,10 @@ def _verdict(r: Report) -> str:
     return "OK" if r.ok else "FAILED"
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _render_generic(r: Report) -> list[str]:
     return [f"shardwise {r.command} {r.path}"]
 
@@ -753,7 +757,8 @@ def _fmt_dtypes(d: Mapping[str, int]) -> str:
 
 def _render_inspect(r: Report) -> list[str]:
     st = r.stats
-    lines = [f"{r.path}: {st['shards']} file(s), {st['tensors']} tensors, {human_bytes(st['bytes'])} of tensor data"]
+    counts = f"{_n(st['shards'], 'shard')}, {_n(st['tensors'], 'tensor')}"
+    lines = [f"{r.path}: {counts}, {human_bytes(st['bytes'])} of tensor data"]
     w = max([len(f["name"]) for f in r.files] + [5])
     lines.append(f"  {'file':<{w}}  {'tensors':>7}  {'bytes':>10}  dtypes")
     for f in r.files:
@@ -788,7 +793,7 @@ def _render_inspect(r: Report) -> list[str]:
 
 def _render_verify(r: Report) -> list[str]:
     st = r.stats
-    lines = [f"{r.path}: {st['shards']} shard(s), {st['tensors']} tensors, {human_bytes(st['bytes'])}"]
+    lines = [f"{r.path}: {_n(st['shards'], 'shard')}, {_n(st['tensors'], 'tensor')}, {human_bytes(st['bytes'])}"]
     idx = r.details.get("index")
     if idx is not None:
         lines.append(f"  index: {idx['name']} ({idx['entries']} entries, total_size {idx['total_size']})")
@@ -842,7 +847,7 @@ def _render_roundtrip(r: Report) -> list[str]:
         "shardwise roundtrip: Hugging Face → torchtune → Hugging Face, compared byte for byte",
         f"  checkpoint   {what}",
         f"  model type   {r.details['model_type']}",
-        f"  contents     {st['shards']} shard(s), {st['tensors']} tensors, {human_bytes(st['bytes'])}"
+        f"  contents     {_n(st['shards'], 'shard')}, {_n(st['tensors'], 'tensor')}, {human_bytes(st['bytes'])}"
         + (f", index {r.details['index']['expected']}" if r.details.get("index") else ""),
         f"  HF → tune    {st['to_tune_seconds'] * 1000:8.1f} ms   {st['tune_tensors']} torchtune tensors"
         + (f" + {st['aside']} kept aside" if st["aside"] else ""),
@@ -860,7 +865,7 @@ def _render_convert(r: Report) -> list[str]:
     arrow = "HF → torchtune" if r.details["direction"] == "hf-to-tune" else "torchtune → HF"
     lines = [
         f"converted {r.path} → {r.details['output']} ({arrow}, {r.details['model_type']})",
-        f"  {st['shards']} shard(s), {st['tensors']} tensors, {human_bytes(st['bytes'])}"
+        f"  {_n(st['shards'], 'shard')}, {_n(st['tensors'], 'tensor')}, {human_bytes(st['bytes'])}"
         + (f", {st['aside']} kept aside" if st.get("aside") else "")
         + f" in {st['seconds']:.3f} s",
     ]

@@ -56,6 +56,12 @@ def stage_torch_save(obj: object, path: Path, fsync: bool = True, tmp: Path | No
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _io_error(e, path) from e
+    except RuntimeError as e:
+        tmp.unlink(missing_ok=True)
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError):  # torch's zip writer reports a failed write (EFBIG, ENOSPC) like this
+            raise _io_error(cause, path) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,3 +229,27 @@ def test_resave_replaces_folder_whole(base, tmp_path: Path) -> None:
     _check_complete(out / "epoch_1", 1, names, sd)
     index = json.loads((out / "epoch_1" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(names)
+
+
+def test_leftovers_of_dead_saves_are_removed_later(base, tmp_path: Path) -> None:
+    """A killed save leaves its temporary folder; the next save removes it once its process is gone and
+    it is over an hour old (a live save, possibly on another host sharing the folder, keeps its own)."""
+    folder, names, _, _ = base
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    old = time.time() - 2 * 3600
+    stale = [out / f".epoch_3.shardwise-{dead}-0123abcd", out / f".recipe_state.pt.shardwise-tmp-{dead}"]
+    keep = [out / f".epoch_4.shardwise-{dead}-4567abcd",  # recent: maybe a save on another host
+            out / f".epoch_5.shardwise-{os.getppid()}-89abcdef"]  # old but its process is alive
+    for p in stale[:1] + keep:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    stale[1].write_bytes(b"partial")
+    for p in stale + keep[1:]:
+        os.utime(p, (old, old))
+    ck = FullModelHFCheckpointer(str(folder), names, "LLAMA3", str(out))
+    ck.save_checkpoint({"adapter": _lora(1)}, epoch=1, adapter_only=True)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep)

@@ -654,19 +654,19 @@ def _unfuse(
             "from the torchtune adapter instead (adapter_checkpoint='epoch_N/adapter_model.pt')"
         )
     r = a.shape[0] // k
-    rows = list(tgt0.rows)
-    known = [x for x in rows if x is not None]
-    if None in rows:
-        if known or b.shape[0] % len(rows):
-            raise ConversionError(f"{hf}: cannot tell the row split of lora_B {tuple(b.shape)}")
-        rows = [b.shape[0] // len(rows)] * len(rows)
-    if sum(rows) != b.shape[0]:  # type: ignore[arg-type]
-        raise ConversionError(f"{hf}: lora_B has {b.shape[0]} rows, expected {sum(rows)} (check config.json)")  # type: ignore[arg-type]
-    offsets = [sum(rows[:i]) for i in range(len(rows))]  # type: ignore[arg-type]
+    if all(x is not None for x in tgt0.rows):
+        rows = [int(x) for x in tgt0.rows if x is not None]
+    elif any(x is not None for x in tgt0.rows) or b.shape[0] % len(tgt0.rows):
+        raise ConversionError(f"{hf}: cannot tell the row split of lora_B {tuple(b.shape)}")
+    else:  # equal parts (gate_up_proj without intermediate_size in config.json)
+        rows = [b.shape[0] // len(tgt0.rows)] * len(tgt0.rows)
+    if sum(rows) != b.shape[0]:
+        raise ConversionError(f"{hf}: lora_B has {b.shape[0]} rows, expected {sum(rows)} (check config.json)")
+    offsets = [sum(rows[:i]) for i in range(len(rows))]
     out: dict[str, Tensor] = {}
     check = b.clone()
     for slot, i in enumerate(present):
-        lo, hi = offsets[i], offsets[i] + rows[i]  # type: ignore[operator]
+        lo, hi = offsets[i], offsets[i] + rows[i]
         module = tune_modules[i]
         out[f"{module}.{_A}"] = a[slot * r : (slot + 1) * r].clone()
         out[f"{module}.{_B}"] = b[lo:hi, slot * r : (slot + 1) * r].clone()
@@ -682,5 +682,5 @@ def _unfuse(
             raise ConversionError(f"{hf}: a DoRA magnitude on a partly adapted fused module has no torchtune form")
         mag = parts[_MAG]
         for i, module in enumerate(tune_modules):
-            out[f"{module}.{_MAG}"] = mag[offsets[i] : offsets[i] + rows[i]].clone()  # type: ignore[operator]
+            out[f"{module}.{_MAG}"] = mag[offsets[i] : offsets[i] + rows[i]].clone()
     return out

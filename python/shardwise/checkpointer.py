@@ -13,7 +13,6 @@ import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +34,16 @@ from .convert import get_converter
 from .convert.base import Op
 from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError
 from .layout import (
-    OutputShard,
     SavePlan,
     count_params,
     index_bytes,
     index_name,
+    made,
     plan_shards,
     read_index,
-    shard_header,
     torch_ready,
+    write_safetensors_shards,
+    write_tensors,
 )
 from .paths import (
     STAGING_MARK,
@@ -55,7 +55,7 @@ from .paths import (
     resolve_checkpoint_files,
 )
 from .recipe_state import atomic_torch_save, commit, load_recipe_state, recipe_keys, stage_torch_save
-from .shards import DTYPE_TO_ST, SourceFile, byte_view, load_source_tensors, read_sources
+from .shards import SourceFile, load_source_tensors, read_sources
 
 __all__ = ["FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
@@ -446,10 +446,10 @@ class FullModelHFCheckpointer:
     def _write_model(self, model: Mapping[str, torch.Tensor], folder: Path, cap: int | None) -> None:
         plan, ops = self._plan(model, cap)
         if self._safe_serialization:
-            self._write_safetensors(plan, folder)
+            write_safetensors_shards(plan, folder)
         else:
             for shard in plan.shards:
-                tensors = {op.key: torch_ready(_made(op)) for op in shard.ops}
+                tensors = {op.key: torch_ready(made(op)) for op in shard.ops}
                 atomic_torch_save(tensors, folder / shard.name, fsync=False)
                 del tensors
         for shard in plan.shards:
@@ -460,28 +460,6 @@ class FullModelHFCheckpointer:
                 original = (self._orig_index[1], self._orig_index[2])
             name = index_name(self._safe_serialization)
             (folder / name).write_bytes(index_bytes(plan, original, count_params(ops)))
-
-    def _write_safetensors(self, plan: SavePlan, folder: Path) -> None:
-        """One shard is prepared (its ops run, byte views taken) while the previous one is written by
-        the native core with the GIL released; at most two shards' transformed tensors are alive."""
-
-        def prepare(shard: OutputShard) -> tuple[str, bytes, list[tuple[int, object]], list[torch.Tensor]]:
-            header, offsets = shard_header(shard)
-            tensors = [_made(op) for op in shard.ops]
-            views = [byte_view(t) for t in tensors]
-            pieces = [(begin, v) for (begin, _), v in zip(offsets, views)]
-            return str(folder / shard.name), header, pieces, tensors
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwise-write") as pool:
-            pending: Future[int] | None = None
-            for shard in plan.shards:
-                path, header, pieces, keep = prepare(shard)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(_core.write_file, path, header, pieces, False)
-                del keep  # the pieces hold the buffers alive until written
-            if pending is not None:
-                pending.result()
 
     def _write_adapter_files(
         self, state_dict: Mapping[str, Any], adapter: Mapping[str, torch.Tensor] | None, folder: Path
@@ -535,16 +513,7 @@ class FullModelHFCheckpointer:
         weights = {k: torch_ready(v) for k, v in export.weights.items()}
         if self._safe_serialization:
             out = folder / f"{ADAPTER_MODEL_FNAME}.safetensors"
-            dtypes = []
-            for k, t in weights.items():
-                if t.dtype not in DTYPE_TO_ST:
-                    raise ConversionError(f'"{k}": dtype {t.dtype} cannot be stored in safetensors')
-                dtypes.append(DTYPE_TO_ST[t.dtype])
-            header, offsets = _core.fresh_layout(
-                list(weights), dtypes, [list(t.shape) for t in weights.values()], export.metadata()
-            )
-            pieces = [(begin, byte_view(t)) for (begin, _), t in zip(offsets, weights.values())]
-            _core.write_file(str(out), header, pieces, False)
+            write_tensors(out, weights, export.metadata())
         else:
             out = folder / f"{ADAPTER_MODEL_FNAME}.bin"
             atomic_torch_save(weights, out, fsync=False)
@@ -582,15 +551,6 @@ def _check_tensors(d: Any, what: str) -> None:
     for k, v in d.items():
         if not isinstance(v, torch.Tensor):
             raise ConversionError(f"state_dict[{what!r}][{k!r}] is a {type(v).__name__}, not a torch.Tensor")
-
-
-def _made(op: Op) -> torch.Tensor:
-    t = op.make()
-    if t.dtype != op.dtype or tuple(t.shape) != op.shape:
-        raise ConversionError(
-            f'"{op.key}": conversion produced {t.dtype} {tuple(t.shape)}, expected {op.dtype} {op.shape}'
-        )
-    return t
 
 
 _LEFTOVER = re.compile(re.escape(STAGING_MARK) + r"(?:old-|tmp-)?(\d+)(?:-|$)")
@@ -645,9 +605,3 @@ def _fsync_tree(folder: Path) -> None:
 # FormattedCheckpointFiles is part of this module's public surface in torchtune
 FormattedCheckpointFiles = FormattedCheckpointFiles
 
-
-def write_safetensors_shards(plan: SavePlan, folder: Path) -> None:
-    """Write the safetensors shards of ``plan`` into ``folder`` exactly as ``save_checkpoint`` does
-    (pipelined native writes, the GIL released; no index, no fsync). A public hook for tools built on
-    the checkpointer (``shardwise convert``); ``_write_safetensors`` uses no instance state."""
-    FullModelHFCheckpointer._write_safetensors(None, plan, folder)  # type: ignore[arg-type]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from . import _core
 from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .convert.base import Op
 from .errors import ConversionError
-from .shards import DTYPE_TO_ST, SourceFile
+from .shards import DTYPE_TO_ST, SourceFile, byte_view
 
 __all__ = [
     "OutputShard",
@@ -30,6 +31,8 @@ __all__ = [
     "output_name",
     "plan_shards",
     "shard_header",
+    "write_safetensors_shards",
+    "write_tensors",
 ]
 
 DEFAULT_METADATA = {"format": "pt"}
@@ -182,16 +185,59 @@ def shard_header(shard: OutputShard) -> tuple[bytes, list[tuple[int, int]]]:
     metadata = DEFAULT_METADATA
     if src is not None and src.header is not None and src.header.metadata is not None:
         metadata = src.header.metadata
+    return fresh_header([(op.key, op.dtype, op.shape) for op in shard.ops], metadata)
+
+
+def fresh_header(
+    tensors: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """The header and offsets the safetensors library writes for these (name, dtype, shape)."""
     dtypes = []
-    for op in shard.ops:
-        st = DTYPE_TO_ST.get(op.dtype)
+    for key, dtype, _ in tensors:
+        st = DTYPE_TO_ST.get(dtype)
         if st is None:
-            raise ConversionError(f'"{op.key}": dtype {op.dtype} cannot be stored in safetensors')
+            raise ConversionError(f'"{key}": dtype {dtype} cannot be stored in safetensors')
         dtypes.append(st)
-    header, offsets = _core.fresh_layout(
-        [op.key for op in shard.ops], dtypes, [list(op.shape) for op in shard.ops], metadata
-    )
-    return header, offsets
+    return _core.fresh_layout([k for k, _, _ in tensors], dtypes, [list(s) for _, _, s in tensors], metadata)
+
+
+def made(op: Op) -> torch.Tensor:
+    """Run ``op`` and check that it produced the dtype and shape it announced (the header's)."""
+    t = op.make()
+    if t.dtype != op.dtype or tuple(t.shape) != op.shape:
+        raise ConversionError(
+            f'"{op.key}": conversion produced {t.dtype} {tuple(t.shape)}, expected {op.dtype} {op.shape}'
+        )
+    return t
+
+
+def write_safetensors_shards(plan: SavePlan, folder: Path) -> None:
+    """Write every shard of ``plan`` into ``folder`` (no index, no fsync). One shard is prepared (its
+    ops run, byte views taken) while the previous one is written by the native core with the GIL
+    released, so at most two shards' transformed tensors are alive at once."""
+
+    def prepare(shard: OutputShard) -> tuple[str, bytes, list[tuple[int, object]]]:
+        header, offsets = shard_header(shard)
+        pieces = [(begin, byte_view(made(op))) for (begin, _), op in zip(offsets, shard.ops)]
+        return str(folder / shard.name), header, pieces
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwise-write") as pool:
+        pending: Future[int] | None = None
+        for shard in plan.shards:
+            job = prepare(shard)  # the byte views keep their tensors alive until written
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_core.write_file, *job, False)
+            del job
+        if pending is not None:
+            pending.result()
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+    """One safetensors file with the safetensors library's layout, written by the native core."""
+    header, offsets = fresh_header([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata)
+    pieces = [(begin, byte_view(t)) for (begin, _), t in zip(offsets, tensors.values())]
+    _core.write_file(str(path), header, pieces, False)
 
 
 def index_name(safe: bool) -> str:

@@ -8,7 +8,7 @@ the same bytes) and the side files. tune → HF uses it to reproduce the origina
 byte for byte; a torchtune folder without it gets a fresh HF layout.
 
 Built on the checkpointer's pieces: converters (``convert``), planning and headers (``layout``), shard
-reading (``shards``) and the native writer (``checkpointer.write_safetensors_shards``). Every output
+reading (``shards``) and the native writer (``layout.write_safetensors_shards``). Every output
 folder is assembled next to its destination and published atomically (``_core.publish_dir``).
 """
 
@@ -30,13 +30,13 @@ import torch
 from . import __version__, _core
 from ._progress import Progress
 from ._scan import not_a_folder, scan_folder
-from .checkpointer import _fsync_tree, _model_type, parse_size, write_safetensors_shards
+from .checkpointer import _fsync_tree, _model_type, parse_size
 from .config import ModelConfig
 from .constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
 from .convert import get_converter
 from .convert.base import Converter, LoadResult, Op, identity_op
 from .errors import CheckpointError, ConfigError, ConversionError
-from .layout import OutputShard, SavePlan, count_params, index_bytes, plan_shards
+from .layout import OutputShard, SavePlan, count_params, index_bytes, plan_shards, write_safetensors_shards
 from .paths import check_outdir_not_in_ckptdir, copy_files, resolve_checkpoint_files, safe_join
 from .report import Report
 from .shards import SourceFile, load_source_tensors, read_sources

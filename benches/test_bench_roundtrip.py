@@ -45,14 +45,17 @@ def variant_safetensors(src: Path, out: Path, names: list[str]) -> None:
         shutil.copyfile(src / name, dst / name)
 
 
-def variant_shardwise(src: Path, out: Path, names: list[str], clone: bool = False) -> float:
-    """Load + save; with ``clone`` the tensors are copied into RAM first (untimed: the training case)."""
+def variant_shardwise(src: Path, out: Path, names: list[str], clone_and_prefault: int = 0) -> float:
+    """Load + save. With ``clone_and_prefault`` (bytes to prefault) the loaded tensors are first cloned
+    into RAM, the training case, and memory is prefaulted again; both untimed, so that the save
+    runs in the same memory state as the other variants."""
     t0 = time.perf_counter()
     ck = FullModelHFCheckpointer(str(src), names, "LLAMA3", str(out), fsync=False)
     state = ck.load_checkpoint()
-    if clone:
+    if clone_and_prefault:
         pause = time.perf_counter()
         state["model"] = {k: v.clone() for k, v in state["model"].items()}
+        prefault(clone_and_prefault)
         t0 += time.perf_counter() - pause
     ck.save_checkpoint(state, epoch=0)
     return time.perf_counter() - t0
@@ -71,7 +74,7 @@ def test_load_save_ratios(checkpoint, benchmark, request):
         "copy": lambda: _timed(variant_copy, src, out, names),
         "safetensors": lambda: _timed(variant_safetensors, src, out, names),
         "shardwise_mmap": lambda: variant_shardwise(src, out, names),
-        "shardwise_ram": lambda: variant_shardwise(src, out, names, clone=True),
+        "shardwise_ram": lambda: variant_shardwise(src, out, names, clone_and_prefault=2 * size),
     }
     disabled = request.config.getoption("benchmark_disable", False)
     rounds = 1 if disabled else ROUNDS

@@ -90,6 +90,7 @@ class Case:
 
 
 CASES: dict[str, Case] = {
+    "llama2": Case("LLAMA2", lambda: _llama(num_key_value_heads=4), "LlamaForCausalLM"),  # MHA, as Llama-2-7b
     "llama3": Case("LLAMA3", lambda: _llama(), "LlamaForCausalLM"),
     "llama3_2_tied": Case("LLAMA3_2", lambda: _llama(tie_word_embeddings=True), "LlamaForCausalLM"),
     "mistral": Case("MISTRAL", lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**_COMMON)),

@@ -1023,3 +1023,16 @@ def test_tied_copy_with_other_layout_is_written_back_verbatim() -> None:
     trained = {k: v * 2 for k, v in res.tune.items()}
     out = conv.tune_to_hf(trained, cfg, res.aside)
     assert out["lm_head.weight"] is hf["lm_head.weight"]
+
+
+def test_tied_copy_follows_and_keeps() -> None:
+    """``tied_op`` emits the kept bytes while the embedding is unchanged and follows it once trained
+    (``equal_values`` also moves a tensor from another device before comparing; no GPU here)."""
+    from shardwise.convert.base import equal_values, tied_op
+
+    emb = torch.randn(4, 3)
+    kept = emb.clone()
+    assert tied_op("lm_head.weight", emb.clone(), kept, emb).make() is kept
+    trained = emb + 1
+    assert tied_op("lm_head.weight", trained, kept, emb).make() is trained
+    assert equal_values(emb, emb.clone()) and not equal_values(emb, emb + 1)

@@ -5,7 +5,6 @@ Used by the ``shardwise`` command and the report functions (``report.py``, ``tun
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -16,6 +15,7 @@ from typing import Any
 from . import _core
 from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .errors import CheckpointError, CheckpointIOError
+from .layout import parse_index
 from .paths import safe_join
 from .shards import DTYPE_TO_ST, SourceFile, load_source_tensors
 
@@ -60,15 +60,8 @@ class Index:
 
 def _read_index(path: Path) -> Index:
     raw = path.read_bytes()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return Index(path.name, raw, None, f"not valid JSON ({e})")
-    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
-        return Index(path.name, raw, None, "an index needs a 'weight_map' object")
-    if not all(isinstance(v, str) for v in data["weight_map"].values()):
-        return Index(path.name, raw, None, "every 'weight_map' value must be a file name")
-    return Index(path.name, raw, data)
+    data, problem = parse_index(raw)
+    return Index(path.name, raw, data, problem)
 
 
 @dataclass

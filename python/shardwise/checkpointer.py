@@ -301,7 +301,10 @@ class FullModelHFCheckpointer:
         folders = {s.path.parent for s in sources}
         if len(folders) != 1:
             return None
-        found = read_index(next(iter(folders)))
+        kinds = {s.is_safetensors for s in sources}
+        if len(kinds) != 1:
+            return None
+        found = read_index(next(iter(folders)), index_name(kinds.pop()))  # the loaded format's index
         if found is None:
             return None
         files = set(found[2]["weight_map"].values())
@@ -532,7 +535,13 @@ class FullModelHFCheckpointer:
                 found.append((int(m.group(1)), name))
         found.sort()
         surplus = max(0, len(found) + (1 if keep else 0) - self._keep_last_n)
+        # never delete the folder this run reads from (a resume with checkpoint_dir=output_dir/epoch_N)
+        in_use = [self._checkpoint_dir.resolve(), *(s.path.resolve() for s in self._sources)]
         for _, name in found[:surplus]:
+            folder = (self._output_dir / name).resolve()
+            if any(p == folder or folder in p.parents for p in in_use):
+                logger.info("Keeping old checkpoint %s: this run reads from it", name)
+                continue
             doomed = self._output_dir / f".{name}{STAGING_MARK}old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 os.rename(self._output_dir / name, doomed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,11 @@ __all__ = ["ModelConfig"]
 _MISSING = object()
 
 
-class ModelConfig:
-    """A read-only view of a (possibly nested) HF ``config.json`` that reports where a field is missing."""
+class ModelConfig(Mapping[str, Any]):
+    """A read-only view of a (possibly nested) HF ``config.json`` that reports where a field is missing.
+
+    It is a ``Mapping``, so code written for torchtune's ``checkpointer._config`` dict keeps working.
+    """
 
     def __init__(self, data: Mapping[str, Any], source: str = "config.json", prefix: str = "") -> None:
         if not isinstance(data, Mapping):
@@ -45,8 +48,17 @@ class ModelConfig:
     def _name(self, key: str) -> str:
         return f"{self.prefix}.{key}" if self.prefix else key
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The field's value, ``default`` when it is absent or JSON ``null``."""

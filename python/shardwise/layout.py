@@ -9,6 +9,7 @@ write ("fresh canonical layout"), keeping the original ``__metadata__``.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,8 @@ __all__ = [
     "write_safetensors_shards",
     "write_tensors",
 ]
+
+logger = logging.getLogger("shardwise")
 
 DEFAULT_METADATA = {"format": "pt"}
 _HF_SHARD = re.compile(r"^(?P<stem>.+)-(?P<idx>\d+)-of-(?P<n>\d+)$")
@@ -282,17 +285,28 @@ def torch_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def read_index(folder: Path) -> tuple[Path, bytes, dict[str, Any]] | None:
-    """The original HF index of ``folder`` (safetensors or torch), if any."""
-    for name in (SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME):
-        p = folder / name
-        if p.is_file():
-            raw = p.read_bytes()
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConversionError(f"{p}: not valid JSON ({e})") from e
-            if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
-                raise ConversionError(f"{p}: an index needs a 'weight_map' object")
-            return p, raw, data
-    return None
+def parse_index(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """``(data, None)`` for a well-formed HF index, else ``(None, problem)``."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"not valid JSON ({e})"
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        return None, "an index needs a 'weight_map' object"
+    if not all(isinstance(v, str) for v in data["weight_map"].values()):
+        return None, "every 'weight_map' value must be a file name"
+    return data, None
+
+
+def read_index(folder: Path, name: str) -> tuple[Path, bytes, dict[str, Any]] | None:
+    """The index ``folder/name`` if it exists and is well formed. Loading never needs it (the files come
+    from ``checkpoint_files``), so a malformed one is reported and then ignored."""
+    p = folder / name
+    if not p.is_file():
+        return None
+    raw = p.read_bytes()
+    data, problem = parse_index(raw)
+    if data is None:
+        logger.warning("%s: ignoring the index: %s", p, problem)
+        return None
+    return p, raw, data

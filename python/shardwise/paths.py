@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import _core
 from .constants import SUFFIXES_TO_NOT_COPY
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointIOError
 
 __all__ = [
     "FormattedCheckpointFiles",
@@ -177,6 +177,8 @@ def copy_files(
     copied = []
     limit = max_file_size_mb * 1024 * 1024
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise CheckpointIOError(2, "checkpoint_dir is gone: cannot copy config.json and the tokenizer", str(input_dir))
     for root, dirs, files in os.walk(input_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(root).relative_to(input_dir)

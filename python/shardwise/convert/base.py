@@ -53,6 +53,15 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
     return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
 
 
+def equal_values(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal`` across devices: a mapped CPU original against a (possibly GPU) trained tensor."""
+    if a is b:
+        return True
+    if a.device != b.device:
+        b = b.detach().to(a.device)
+    return torch.equal(a, b)
+
+
 def tied_op(key: str, current: Tensor, kept: Tensor, original: Tensor | None = None) -> Op:
     """A tensor HF ties to another one (tied ``lm_head.weight``, T5 ``shared.weight``), written back.
 
@@ -70,7 +79,7 @@ def tied_op(key: str, current: Tensor, kept: Tensor, original: Tensor | None = N
             original is not None
             and same_layout(kept, current)
             and same_layout(original, current)
-            and torch.equal(original, current)
+            and equal_values(original, current)
         ):
             return kept
         return current

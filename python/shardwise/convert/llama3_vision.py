@@ -19,7 +19,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, ConversionError
-from .base import Converter, KeyTable, LoadResult, Op, identity_op, permute_to_hf, permute_to_tune
+from .base import Converter, KeyTable, LoadResult, Op, equal_values, identity_op, permute_to_hf, permute_to_tune
 
 __all__ = ["LLAMA3_VISION_TABLE", "Llama3VisionConverter", "VisionDims"]
 
@@ -235,7 +235,7 @@ def _tiles_op(key: str, value: torch.Tensor, kept: torch.Tensor | None, dims: Vi
 
     def make() -> torch.Tensor:
         if kept is not None and kept.dtype == value.dtype and tuple(kept.shape) == shape:
-            if torch.equal(tiles_hf_to_tune(kept, dims, key), value):
+            if equal_values(tiles_hf_to_tune(kept, dims, key), value):
                 return kept
         return tiles_tune_to_hf(value, dims, key)
 

@@ -348,3 +348,24 @@ def test_tied_llama_with_stored_lm_head(tmp_path):
     for n in names:
         out.update(load_file(str(tmp_path / "out/epoch_1" / n)))
     assert torch.equal(out["lm_head.weight"], model["tok_embeddings.weight"])
+
+
+def test_names_from_a_checkpoint_never_escape_its_folder(tmp_path):
+    """An index that names a file outside its folder (absolute or ``..``) is refused by ``convert``;
+    nothing outside the folder is read."""
+    from shardwise.tunedir import convert_checkpoint
+
+    spec = LlamaSpec()
+    sd = llama_state_dict(spec)
+    outside = tmp_path / "elsewhere"
+    names = write_hf_checkpoint(outside, sd, split_keys(list(sd), [5]), spec.config())
+    for bad in (str(outside / names[0]), f"../elsewhere/{names[0]}"):
+        hf = tmp_path / f"hf-{len(bad)}"
+        write_hf_checkpoint(hf, sd, split_keys(list(sd), [5]), spec.config())
+        index = json.loads((hf / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {k: (bad if v == names[0] else v) for k, v in index["weight_map"].items()}
+        (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+        (hf / names[0]).unlink()
+        with pytest.raises(CheckpointError, match="escape"):
+            convert_checkpoint(hf, tmp_path / f"out-{len(bad)}", "LLAMA3", to="tune")
+        assert not (tmp_path / f"out-{len(bad)}").exists()

@@ -55,7 +55,7 @@ from .paths import (
     resolve_checkpoint_files,
 )
 from .recipe_state import atomic_torch_save, commit, load_recipe_state, recipe_keys, stage_torch_save
-from .shards import SourceFile, load_source_tensors, read_sources
+from .shards import SourceFile, load_merged, read_sources, with_file
 
 __all__ = ["FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
@@ -270,26 +270,15 @@ class FullModelHFCheckpointer:
     # ------------------------------------------------------------------ load
     def _load_model(self) -> dict[str, torch.Tensor]:
         sources = read_sources(self._checkpoint_paths)
-        merged: dict[str, torch.Tensor] = {}
-        key_source: dict[str, SourceFile] = {}
-        weight_map: dict[str, str] = {}
-        for i, src in enumerate(sources):
-            tensors = load_source_tensors(src)
-            for key, t in tensors.items():
-                if key in key_source:
-                    raise CheckpointError(
-                        f"{src.path}: tensor {key!r} is also in {key_source[key].path}; "
-                        "a key must be in exactly one shard"
-                    )
-                key_source[key] = src
-                weight_map[key] = f"{i + 1:04}"
-                merged[key] = t
+        per_source, key_source = load_merged(sources)
+        merged = {k: t for tensors in per_source for k, t in tensors.items()}
+        position = {id(src): f"{i + 1:04}" for i, src in enumerate(sources)}
+        weight_map = {k: position[id(src)] for k, src in key_source.items()}
         try:
             result = self._converter.hf_to_tune(merged, self._config)
         except ConversionError as e:
-            key = next((k for k in merged if f'"{k}"' in str(e)), None)
-            where = key_source[key].path if key is not None else self._checkpoint_dir
-            raise type(e)(f"{where}: {e}") from e
+            files = {k: src.path for k, src in key_source.items()}
+            raise with_file(e, files, self._checkpoint_dir) from e
         self._sources = sources
         self._key_source = key_source
         self._weight_map = weight_map

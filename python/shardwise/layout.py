@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ __all__ = [
     "OutputShard",
     "SavePlan",
     "index_bytes",
+    "op_nbytes",
     "output_name",
     "plan_shards",
     "shard_header",
@@ -74,14 +76,17 @@ class OutputShard:
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(op) for op in self.ops)
+        return sum(op_nbytes(op) for op in self.ops)
 
 
-def _nbytes(op: Op) -> int:
-    n = 1
-    for s in op.shape:
-        n *= s
-    return n * op.dtype.itemsize
+def op_numel(op: Op) -> int:
+    """Elements of the tensor ``op`` will produce (from its announced shape; nothing is run)."""
+    return math.prod(op.shape)
+
+
+def op_nbytes(op: Op) -> int:
+    """Bytes of the tensor ``op`` will produce."""
+    return op_numel(op) * op.dtype.itemsize
 
 
 @dataclass
@@ -107,7 +112,7 @@ def _split_new(ops: list[Op], max_shard_size: int | None) -> list[list[Op]]:
     groups: list[list[Op]] = [[]]
     size = 0
     for op in ops:
-        n = _nbytes(op)
+        n = op_nbytes(op)
         if groups[-1] and size + n > max_shard_size:
             groups.append([])
             size = 0
@@ -266,13 +271,8 @@ def index_bytes(plan: SavePlan, original: tuple[bytes, dict[str, Any]] | None, n
 
 
 def count_params(ops: Iterable[Op]) -> int:
-    total = 0
-    for op in ops:
-        n = 1
-        for s in op.shape:
-            n *= s
-        total += n
-    return total
+    """Total elements of all ops (the index's ``total_parameters``)."""
+    return sum(op_numel(op) for op in ops)
 
 
 def torch_ready(t: torch.Tensor) -> torch.Tensor:

@@ -101,9 +101,15 @@ def get_path(input_dir: Path, filename: str | os.PathLike[str], missing_ok: bool
 
 
 def resolve_checkpoint_files(
-    checkpoint_files: Sequence[str] | Mapping[str, str] | FormattedCheckpointFiles, folder: Path
+    checkpoint_files: Sequence[str] | Mapping[str, str] | FormattedCheckpointFiles,
+    folder: Path,
+    *,
+    inside: bool = False,
 ) -> list[Path]:
-    """Expand the torchtune forms of ``checkpoint_files``, check each exists, sort numerically."""
+    """Expand the torchtune forms of ``checkpoint_files``, check each exists, sort numerically.
+
+    A user's names may be absolute (as torchtune allows); names read from a checkpoint (an index, a
+    manifest) are resolved with ``inside=True`` and must stay inside ``folder``."""
     if isinstance(checkpoint_files, FormattedCheckpointFiles):
         names: Iterable[str] = checkpoint_files.build_checkpoint_filenames()
     elif isinstance(checkpoint_files, Mapping):
@@ -112,6 +118,10 @@ def resolve_checkpoint_files(
         names = [str(checkpoint_files)]
     else:
         names = [str(n) for n in checkpoint_files]
+    names = list(names)
+    if inside:
+        for n in names:
+            safe_join(Path(folder), n, "shard")
     paths = [get_path(folder, n) for n in names]
     if not paths:
         raise ValueError("checkpoint_files is empty: name at least one checkpoint file")

@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import _core
-from .errors import CheckpointError, CheckpointIOError, HeaderError
+from .errors import CheckpointError, CheckpointIOError, ConversionError, HeaderError
 
 __all__ = [
     "DTYPE_FROM_ST",
@@ -21,7 +21,9 @@ __all__ = [
     "SourceFile",
     "byte_view",
     "is_safetensors",
+    "load_merged",
     "load_source_tensors",
+    "with_file",
     "read_sources",
 ]
 
@@ -168,3 +170,27 @@ def load_source_tensors(src: SourceFile) -> dict[str, torch.Tensor]:
     src.dtypes = {k: v.dtype for k, v in sd.items()}
     src.shapes = {k: tuple(v.shape) for k, v in sd.items()}
     return sd
+
+
+def load_merged(sources: Sequence[SourceFile]) -> tuple[list[dict[str, torch.Tensor]], dict[str, SourceFile]]:
+    """The tensors of every source (one dict per file, in order) and the file each key came from; a key
+    found in two files is a broken checkpoint: ``CheckpointError`` naming both files."""
+    per_source: list[dict[str, torch.Tensor]] = []
+    key_source: dict[str, SourceFile] = {}
+    for src in sources:
+        tensors = load_source_tensors(src)
+        for key in tensors:
+            if key in key_source:
+                raise CheckpointError(
+                    f"{src.path}: tensor {key!r} is also in {key_source[key].path}; a key must be in exactly one shard"
+                )
+            key_source[key] = src
+        per_source.append(tensors)
+    return per_source, key_source
+
+
+def with_file(e: ConversionError, key_files: Mapping[str, object], default: object = None) -> ConversionError:
+    """The same error, prefixed with the file that holds the key it names (or ``default``)."""
+    key = next((k for k in key_files if f'"{k}"' in str(e)), None)
+    where = key_files[key] if key is not None else default
+    return type(e)(f"{where}: {e}") if where is not None else e

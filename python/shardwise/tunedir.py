@@ -36,10 +36,18 @@ from .constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
 from .convert import get_converter
 from .convert.base import Converter, LoadResult, Op, identity_op
 from .errors import CheckpointError, ConfigError, ConversionError
-from .layout import OutputShard, SavePlan, count_params, index_bytes, plan_shards, write_safetensors_shards
+from .layout import (
+    OutputShard,
+    SavePlan,
+    count_params,
+    index_bytes,
+    op_nbytes,
+    plan_shards,
+    write_safetensors_shards,
+)
 from .paths import check_outdir_not_in_ckptdir, copy_files, resolve_checkpoint_files, safe_join
 from .report import Report
-from .shards import SourceFile, load_source_tensors, read_sources
+from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
 
 __all__ = ["ASIDE_NAME", "ORIGIN_NAME", "ORIGIN_SCHEMA", "convert_checkpoint"]
 
@@ -131,18 +139,11 @@ class _Result:
     aside: int = 0
 
 
-def _nbytes(op: Op) -> int:
-    n = op.dtype.itemsize
-    for s in op.shape:
-        n *= s
-    return n
-
-
 def _with_progress(ops: Sequence[Op], bar: Progress) -> list[Op]:
     """The same ops, counting each tensor's bytes when it is produced (just before it is written)."""
 
     def wrap(op: Op) -> Op:
-        n = _nbytes(op)
+        n = op_nbytes(op)
 
         def make() -> torch.Tensor:
             t = op.make()
@@ -160,11 +161,6 @@ def _write_plan(plan: SavePlan, folder: Path, label: str, progress: bool) -> Non
         for shard in plan.shards:
             shard.ops = _with_progress(shard.ops, bar)
         write_safetensors_shards(plan, folder)
-
-
-def _with_file(e: ConversionError, keys_to_file: Mapping[str, str]) -> ConversionError:
-    key = next((k for k in keys_to_file if f'"{k}"' in str(e)), None)
-    return type(e)(f"{keys_to_file[key]}: {e}") if key is not None else e
 
 
 def _meta(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,7 +198,7 @@ def _plan_units(
         whole = conv.hf_to_tune(_meta(merged), cfg)
         parts = [conv.hf_to_tune(_meta(d), cfg) for d in hf]
     except ConversionError as e:
-        raise _with_file(e, where) from e
+        raise with_file(e, where) from e
     except Exception:  # a converter that needs real data on load: convert once, in full
         whole = None
     if whole is not None:
@@ -222,7 +218,7 @@ def _plan_units(
     try:
         full = conv.hf_to_tune(merged, cfg)
     except ConversionError as e:
-        raise _with_file(e, where) from e
+        raise with_file(e, where) from e
     layout = {k: (t.dtype, tuple(t.shape)) for k, t in full.tune.items()}
     return [_Unit(None, merged, layout)], list(full.aside), full
 
@@ -238,17 +234,10 @@ def _to_tune(src: Path, out: Path, mt: ModelType, cap: int | None, progress: boo
     s = scan_folder(src)
     if s.index is not None and s.index.error is not None:
         raise CheckpointError(f"{src / s.index.name}: {s.index.error}")
-    paths = resolve_checkpoint_files(s.shards, src)
+    paths = resolve_checkpoint_files(s.shards, src, inside=True)
     sources = read_sources(paths)
-    hf: list[dict[str, torch.Tensor]] = []
-    where: dict[str, str] = {}
-    for source in sources:
-        tensors = load_source_tensors(source)
-        for k in tensors:
-            if k in where:
-                raise CheckpointError(f"{source.path}: tensor {k!r} is also in {where[k]}; a key must be in one shard")
-            where[k] = str(source.path)
-        hf.append(tensors)
+    hf, key_source = load_merged(sources)
+    where = {k: str(source.path) for k, source in key_source.items()}
     units, aside_keys, full = _plan_units(conv, cfg, sources, hf, where)
 
     # aside keys whose tensor is also a torchtune tensor (same memory) are stored once, as a reference
@@ -416,15 +405,10 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
         names = [str(n) for n in origin["tune"]["shards"]]
     else:
         names = [n for n in scan_folder(src).shards]
-    paths = resolve_checkpoint_files(names, src)
-    tune: dict[str, torch.Tensor] = {}
-    where: dict[str, str] = {}
-    for source in read_sources(paths):
-        for k, t in load_source_tensors(source).items():
-            if k in where:
-                raise CheckpointError(f"{source.path}: tensor {k!r} is also in {where[k]}; a key must be in one shard")
-            where[k] = str(source.path)
-            tune[k] = t
+    paths = resolve_checkpoint_files(names, src, inside=True)
+    per_source, key_source = load_merged(read_sources(paths))
+    tune = {k: t for tensors in per_source for k, t in tensors.items()}
+    where = {k: str(source.path) for k, source in key_source.items()}
     aside: dict[str, torch.Tensor] = {}
     if origin is not None:
         info = origin.get("aside") or {}
@@ -446,7 +430,7 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
     try:
         ops = conv.tune_to_hf_ops(tune, cfg, aside)
     except ConversionError as e:
-        raise _with_file(e, where) from e
+        raise with_file(e, where) from e
     original_index: tuple[bytes, dict[str, Any]] | None = None
     if origin is not None and origin["source"].get("index"):
         raw = base64.b64decode(origin["source"]["index"]["bytes"])

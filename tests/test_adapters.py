@@ -263,7 +263,7 @@ def test_save_adapter_files_and_no_mutation(tmp_path: Path) -> None:
     assert cfg["base_model_name_or_path"] == "meta/tiny" and cfg["use_dora"] is True and "stale" not in cfg
     assert (folder / "model.safetensors").is_file()
     rs = torch.load(tmp_path / "out" / "recipe_state" / "recipe_state.pt", weights_only=True)
-    assert rs == {"seed": 3}
+    assert rs == {"seed": 3, "_shardwise_checkpoint_folder": folder.name}  # the folder it goes with
 
 
 def test_adapter_only_and_empty_adapter(tmp_path: Path) -> None:

@@ -140,7 +140,10 @@ def test_intermediate_checkpoint_recipe_state_and_no_mutation(tmp_path):
     assert state["model"].keys() == snapshot["model"].keys()
     assert state["adapter_config"] == cfg_before
     recipe = torch.load(tmp_path / "out" / "recipe_state" / "recipe_state.pt", weights_only=True)
-    assert set(recipe) == {"seed", "epochs_run", "total_epochs", "max_steps_per_epoch", "optimizer"}
+    # the recipe keys, plus the folder they were saved with (stripped again when shardwise loads it)
+    assert set(recipe) == {"seed", "epochs_run", "total_epochs", "max_steps_per_epoch", "optimizer",
+                           "_shardwise_checkpoint_folder"}
+    assert recipe["_shardwise_checkpoint_folder"] == "epoch_0"
     assert torch.equal(recipe["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
     # saving twice with the same dict works, and the result is the same
     ck.save_checkpoint(state, epoch=0)
@@ -369,3 +372,22 @@ def test_names_from_a_checkpoint_never_escape_its_folder(tmp_path):
         with pytest.raises(CheckpointError, match="escape"):
             convert_checkpoint(hf, tmp_path / f"out-{len(bad)}", "LLAMA3", to="tune")
         assert not (tmp_path / f"out-{len(bad)}").exists()
+
+
+def test_resume_pairs_weights_with_their_recipe_state(tmp_path):
+    """A final save after the last intermediate one leaves a newer folder without recipe state; a
+    resume that does not spell out the folder must load the weights saved with the recipe state."""
+    spec = LlamaSpec()
+    sd = llama_state_dict(spec)
+    names = write_hf_checkpoint(tmp_path / "hf", sd, [list(sd)], spec.config())
+    out = tmp_path / "out"
+    ck = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3", str(out))
+    model = ck.load_checkpoint()["model"]
+    ck.save_checkpoint({"model": model, "epochs_run": 1, "seed": 0}, epoch=0, intermediate_checkpoint=True)
+    final = {k: v + 1 for k, v in model.items()}
+    ck.save_checkpoint({"model": final, "epochs_run": 2, "seed": 0}, epoch=1)  # final: no recipe state
+    resumed = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3", str(out), should_load_recipe_state=True)
+    assert resumed._checkpoint_paths == [out / "epoch_0" / names[0]]
+    state = resumed.load_checkpoint()
+    assert state["epochs_run"] == 1 and "_shardwise_checkpoint_folder" not in state
+    assert all(torch.equal(state["model"][k], model[k]) for k in model)

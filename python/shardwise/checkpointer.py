@@ -54,7 +54,14 @@ from .paths import (
     is_staging_name,
     resolve_checkpoint_files,
 )
-from .recipe_state import atomic_torch_save, commit, load_recipe_state, recipe_keys, stage_torch_save
+from .recipe_state import (
+    atomic_torch_save,
+    commit,
+    load_recipe_state,
+    recipe_keys,
+    recipe_state_folder,
+    stage_torch_save,
+)
 from .shards import SourceFile, load_merged, read_sources, with_file
 
 __all__ = ["FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
@@ -162,8 +169,9 @@ class FullModelHFCheckpointer:
                 raise ConfigError(f"{repo_file}: not valid JSON ({e})") from e
             self.repo_id = data.get("repo_id") if isinstance(data, dict) else None
 
-        self._adapter_checkpoint = self._resolve_adapter_checkpoint(adapter_checkpoint)
         self._recipe_checkpoint = self._resolve_recipe_checkpoint(recipe_checkpoint)
+        self._resume_folder = self._pick_resume_folder()
+        self._adapter_checkpoint = self._resolve_adapter_checkpoint(adapter_checkpoint)
         self._checkpoint_paths = self._resolve_model_paths(checkpoint_files)
 
         # filled by load_checkpoint (or lazily by save_checkpoint before any load)
@@ -191,6 +199,24 @@ class FullModelHFCheckpointer:
                 return self._output_dir / latest
         return None
 
+    def _pick_resume_folder(self) -> Path | None:
+        """The checkpoint folder to resume from when paths are not spelled out: the one the recipe
+        state was saved with (so weights and optimizer state match, even if a later final save or a
+        crash between publishing and committing the recipe state left a newer folder), else the latest."""
+        latest = self._latest_checkpoint_folder()
+        if self._recipe_checkpoint is None:
+            return latest
+        name = recipe_state_folder(self._recipe_checkpoint)
+        if name is None or not (self._output_dir / name).is_dir():
+            return latest
+        paired = self._output_dir / name
+        if latest is not None and paired != latest:
+            logger.warning(
+                "Resuming from %s, the checkpoint the recipe state was saved with; the newer %s has no "
+                "recipe state of its own", paired, latest,
+            )
+        return paired
+
     def _resolve_adapter_checkpoint(self, adapter_checkpoint: str | None) -> Path | None:
         """Explicit ``adapter_checkpoint`` (relative to ``output_dir``; must exist), else the adapter of
         the latest checkpoint folder: ``adapter_model.pt``, or a PEFT ``adapter_model.safetensors``/
@@ -205,7 +231,7 @@ class FullModelHFCheckpointer:
                     "(it is resolved relative to output_dir)"
                 )
             return p
-        folder = self._latest_checkpoint_folder()
+        folder = self._resume_folder
         if folder is None:
             return None
         for ext in ("pt", "safetensors", "bin"):
@@ -245,7 +271,7 @@ class FullModelHFCheckpointer:
         resuming_full = self._should_load_recipe_state and self._adapter_checkpoint is None
         if not resuming_full:
             return resolve_checkpoint_files(checkpoint_files, self._checkpoint_dir)
-        latest = self._latest_checkpoint_folder()
+        latest = self._resume_folder
         try:
             paths = resolve_checkpoint_files(checkpoint_files, self._output_dir)
         except ValueError as first:
@@ -388,7 +414,7 @@ class FullModelHFCheckpointer:
             if intermediate_checkpoint:
                 # staged before anything is published, so a write error leaves output_dir as it was
                 recipe_tmp = stage_torch_save(
-                    recipe_keys(state_dict), recipe_path, fsync=self._fsync,
+                    recipe_keys(state_dict, final.name), recipe_path, fsync=self._fsync,
                     tmp=self._output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
                 )
             if self._fsync:

@@ -21,15 +21,24 @@ __all__ = [
     "commit",
     "load_recipe_state",
     "recipe_keys",
-    "save_recipe_state",
+    "recipe_state_folder",
     "stage_torch_save",
     "temp_name",
 ]
 
 
-def recipe_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything in a checkpoint dict except the model, adapter and adapter config."""
-    return {k: v for k, v in state_dict.items() if k not in NON_RECIPE_KEYS}
+#: recorded inside the recipe state by shardwise: the checkpoint folder (``epoch_N``) it belongs to, so
+#: that a resume pairs weights and optimizer state from the same save; removed again on load
+CHECKPOINT_FOLDER_KEY = "_shardwise_checkpoint_folder"
+
+
+def recipe_keys(state_dict: Mapping[str, Any], folder: str | None = None) -> dict[str, Any]:
+    """Everything in a checkpoint dict except the model, adapter and adapter config (and, when given,
+    the name of the checkpoint folder saved with it)."""
+    state = {k: v for k, v in state_dict.items() if k not in NON_RECIPE_KEYS}
+    if folder is not None:
+        state[CHECKPOINT_FOLDER_KEY] = folder
+    return state
 
 
 def _io_error(e: OSError, path: Path) -> CheckpointIOError:
@@ -87,12 +96,6 @@ def atomic_torch_save(obj: object, path: Path, fsync: bool = True) -> None:
     commit(stage_torch_save(obj, path, fsync), path, fsync)
 
 
-def save_recipe_state(state_dict: Mapping[str, Any], path: Path, fsync: bool = True) -> int:
-    """Write the recipe keys of ``state_dict`` to ``path`` atomically; returns the file size."""
-    atomic_torch_save(recipe_keys(state_dict), path, fsync=fsync)
-    return path.stat().st_size
-
-
 def load_recipe_state(path: Path) -> dict[str, Any]:
     """Load a recipe state written by shardwise or torchtune (``weights_only=True``)."""
     try:
@@ -103,4 +106,16 @@ def load_recipe_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unable to load the recipe state ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: the recipe state must be a dict, found {type(state).__name__}")
+    state.pop(CHECKPOINT_FOLDER_KEY, None)
     return state
+
+
+def recipe_state_folder(path: Path) -> str | None:
+    """The checkpoint folder a shardwise recipe state was saved with (None for torchtune's files or
+    anything unreadable); a memory-mapped peek, tensors are not read."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a peek only; load_recipe_state reports real problems
+        return None
+    folder = state.get(CHECKPOINT_FOLDER_KEY) if isinstance(state, dict) else None
+    return folder if isinstance(folder, str) and "/" not in folder and not folder.startswith(".") else None

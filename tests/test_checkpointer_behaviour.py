@@ -391,3 +391,24 @@ def test_resume_pairs_weights_with_their_recipe_state(tmp_path):
     state = resumed.load_checkpoint()
     assert state["epochs_run"] == 1 and "_shardwise_checkpoint_folder" not in state
     assert all(torch.equal(state["model"][k], model[k]) for k in model)
+
+
+def test_resume_accepts_torchtune_output_names(tmp_path):
+    """A resume config written for torchtune names the output shards model-0000k-of-0000n; shardwise
+    kept the input names (model.safetensors / llama2_hf_checkpoint_0k), and resolves the k-th of n."""
+    ckpt, parts, paths = _peer_llama2(tmp_path, 2)
+    out = tmp_path / "out"
+    ck = FullModelHFCheckpointer(str(ckpt), paths, "LLAMA2", str(out))
+    state = ck.load_checkpoint()
+    state.update({"seed": 1, "epochs_run": 1})
+    ck.save_checkpoint(state, epoch=0, intermediate_checkpoint=True)
+    tt_names = ["epoch_0/model-00001-of-00002.safetensors", "epoch_0/model-00002-of-00002.safetensors"]
+    resumed = FullModelHFCheckpointer(str(ckpt), tt_names, "LLAMA2", str(out), recipe_checkpoint=None,
+                                      resume_from_checkpoint=True)
+    assert [p.name for p in resumed._checkpoint_paths] == ["llama2_hf_checkpoint_01.safetensors",
+                                                           "llama2_hf_checkpoint_02.safetensors"]
+    got = resumed.load_checkpoint()
+    assert got["seed"] == 1 and all(torch.equal(got["model"][k], state["model"][k]) for k in state["model"])
+    with pytest.raises(ValueError, match="No file with name"):
+        FullModelHFCheckpointer(str(ckpt), ["epoch_0/model-00001-of-00003.safetensors"], "LLAMA2", str(out),
+                                should_load_recipe_state=True)

@@ -273,12 +273,12 @@ class FullModelHFCheckpointer:
             return resolve_checkpoint_files(checkpoint_files, self._checkpoint_dir)
         latest = self._resume_folder
         try:
-            paths = resolve_checkpoint_files(checkpoint_files, self._output_dir)
+            paths = resolve_checkpoint_files(checkpoint_files, self._output_dir, torchtune_names=True)
         except ValueError as first:
             if latest is None:
                 raise
             try:
-                return resolve_checkpoint_files(checkpoint_files, latest)
+                return resolve_checkpoint_files(checkpoint_files, latest, torchtune_names=True)
             except ValueError:
                 raise first from None
         ckpt = self._checkpoint_dir.resolve()

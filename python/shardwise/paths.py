@@ -105,11 +105,13 @@ def resolve_checkpoint_files(
     folder: Path,
     *,
     inside: bool = False,
+    torchtune_names: bool = False,
 ) -> list[Path]:
     """Expand the torchtune forms of ``checkpoint_files``, check each exists, sort numerically.
 
     A user's names may be absolute (as torchtune allows); names read from a checkpoint (an index, a
-    manifest) are resolved with ``inside=True`` and must stay inside ``folder``."""
+    manifest) are resolved with ``inside=True`` and must stay inside ``folder``. With
+    ``torchtune_names`` (resuming from a shardwise save), torchtune's output names are accepted too."""
     if isinstance(checkpoint_files, FormattedCheckpointFiles):
         names: Iterable[str] = checkpoint_files.build_checkpoint_filenames()
     elif isinstance(checkpoint_files, Mapping):
@@ -122,13 +124,48 @@ def resolve_checkpoint_files(
     if inside:
         for n in names:
             safe_join(Path(folder), n, "shard")
-    paths = [get_path(folder, n) for n in names]
+    paths = [_get_or_alias(folder, n) if torchtune_names else get_path(folder, n) for n in names]
     if not paths:
         raise ValueError("checkpoint_files is empty: name at least one checkpoint file")
     if len({p.resolve() for p in paths}) != len(paths):
         raise ValueError(f"checkpoint_files names the same file twice: {[str(p) for p in paths]}")
     order = _core.sort_shard_names([str(p) for p in paths])
     return [Path(p) for p in order]
+
+
+_TORCHTUNE_SHARD = re.compile(r"^model-(\d+)-of-(\d+)\.(safetensors|bin)$")
+
+
+def torchtune_alias(folder: Path, name: str) -> Path | None:
+    """torchtune 0.6.1 renames every output shard ``model-0000k-of-0000n.*``; shardwise keeps the input
+    names. A resume config written for torchtune names the k-th of n shards: that is the k-th weight
+    file of the folder in numeric order, when the folder holds exactly n of them."""
+    p = Path(name)
+    m = _TORCHTUNE_SHARD.match(p.name)
+    if not m:
+        return None
+    k, n, ext = int(m.group(1)), int(m.group(2)), m.group(3)
+    parent = folder / p.parent
+    if not parent.is_dir():
+        return None
+    found = _core.sort_shard_names(
+        [e.name for e in parent.iterdir() if e.is_file() and e.name.endswith("." + ext) and not e.name.startswith(".")
+         and not e.name.startswith("adapter_model")]
+    )
+    if len(found) != n or not 1 <= k <= n:
+        return None
+    return parent / found[k - 1]
+
+
+def _get_or_alias(folder: Path, name: str) -> Path:
+    try:
+        return get_path(folder, name)
+    except ValueError:
+        alias = torchtune_alias(Path(folder), name)
+        if alias is None:
+            raise
+        logger.info("%s: torchtune's name for %s", name, alias)
+        return alias
 
 
 def check_outdir_not_in_ckptdir(ckpt_dir: Path, out_dir: Path) -> bool:

@@ -38,7 +38,7 @@ STATS = {
     "verify": {"shards", "tensors", "bytes", "file_bytes", "seconds", "checksummed"},
     "convert": {"shards", "tensors", "input_tensors", "bytes", "aside", "seconds"},
     "roundtrip": {"shards", "tensors", "tune_tensors", "aside", "bytes", "generate_seconds", "to_tune_seconds",
-                  "to_hf_seconds", "compare_seconds", "seconds"},
+                  "to_hf_seconds", "compare_seconds", "checkpointer_seconds", "seconds"},
     "compare": {"files", "identical", "different", "bytes", "seconds"},
 }
 SHARD_ENTRY = {"name", "format", "size", "tensors", "data_bytes", "dtypes", "metadata", "error", "sha256"}

@@ -476,3 +476,19 @@ def test_progress_only_on_a_tty() -> None:
     with Progress(100, "work", delay=0, stream=quiet, enabled=False) as bar:
         bar.update(100)
     assert quiet.getvalue() == ""
+
+
+def test_roundtrip_also_checks_the_checkpointer_path(monkeypatch):
+    """``roundtrip`` runs FullModelHFCheckpointer load → save too: a key lost only on that path fails it."""
+    import shardwise.checkpointer as ckmod
+    from shardwise import roundtrip
+
+    real = ckmod.plan_shards
+
+    def lossy(ops, *args, **kwargs):
+        return real([op for op in ops if op.key != "model.norm.weight"], *args, **kwargs)
+
+    monkeypatch.setattr(ckmod, "plan_shards", lossy)
+    report = roundtrip()
+    assert not report.ok
+    assert any("FullModelHFCheckpointer" in p.message for p in report.problems), report.summary()

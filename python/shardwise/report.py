@@ -7,6 +7,7 @@ The command line (``shardwise.cli``) is a thin layer over these functions; ``Rep
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import mmap
@@ -658,7 +659,7 @@ def roundtrip(
     and ``NotImplementedError`` for one without a converter.
     """
     from . import sample
-    from .checkpointer import _model_type
+    from .checkpointer import FullModelHFCheckpointer, _model_type
     from .layout import output_name
     from .tunedir import convert_checkpoint
 
@@ -706,12 +707,27 @@ def roundtrip(
         t = time.perf_counter()
         cmp = compare(src, work / "hf", rename=rename, progress=progress)
         timings["compare_seconds"] = time.perf_counter() - t
+        # the path recipes take: FullModelHFCheckpointer load_checkpoint → save_checkpoint
+        t = time.perf_counter()
+        ck = FullModelHFCheckpointer(str(src), s.shards, mt.name, str(work / "checkpointer"), fsync=False)
+        ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
+        timings["checkpointer_seconds"] = time.perf_counter() - t
+        via_ck = compare(src, work / "checkpointer" / "epoch_0", rename=rename, progress=progress)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    exact = cmp.ok and all(f["status"] == "identical" for f in cmp.files) and (
-        cmp.details["index"] is None or cmp.details["index"]["status"] == "identical"
-    )
+    def identical(c: Report) -> bool:
+        return c.ok and all(f["status"] == "identical" for f in c.files) and (
+            c.details["index"] is None or c.details["index"]["status"] == "identical"
+        )
+
+    exact = identical(cmp) and identical(via_ck)
+    seen = {(p.kind, p.file, p.tensor, p.byte_range) for p in cmp.problems}
+    problems = list(cmp.problems) + [  # what only the checkpointer's path gets wrong
+        dataclasses.replace(p, message=f"FullModelHFCheckpointer load → save: {p.message}")
+        for p in via_ck.problems
+        if (p.kind, p.file, p.tensor, p.byte_range) not in seen
+    ]
     stats = {
         "shards": len([f for f in cmp.files if f["expected"] is not None]),
         "tensors": to_tune.stats["input_tensors"],
@@ -728,7 +744,7 @@ def roundtrip(
         "kept": None if keep is None else str(keep),
         "index": cmp.details["index"],
     }
-    return Report("roundtrip", "<sample>" if path is None else str(path), cmp.problems, cmp.files, stats, details)
+    return Report("roundtrip", "<sample>" if path is None else str(path), problems, cmp.files, stats, details)
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -853,6 +869,7 @@ def _render_roundtrip(r: Report) -> list[str]:
         + (f" + {st['aside']} kept aside" if st["aside"] else ""),
         f"  tune → HF    {st['to_hf_seconds'] * 1000:8.1f} ms",
         f"  compare      {st['compare_seconds'] * 1000:8.1f} ms",
+        f"  checkpointer {st['checkpointer_seconds'] * 1000:8.1f} ms   FullModelHFCheckpointer load → save, compared",
         *_file_rows(r),
     ]
     if r.details.get("kept"):

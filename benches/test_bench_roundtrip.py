@@ -103,6 +103,7 @@ def test_load_save_ratios(checkpoint, benchmark, request):
         "bytes": size,
         "rounds": rounds,
         "median_s": med,
+        "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "shardwise_mmap_vs_copy": med["shardwise_mmap"] / med["copy"],
         "shardwise_ram_vs_copy": med["shardwise_ram"] / med["copy"],
         "safetensors_vs_shardwise_mmap": med["safetensors"] / med["shardwise_mmap"],

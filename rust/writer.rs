@@ -321,8 +321,10 @@ pub fn write_files(files: &[FileSpec<'_>], fsync: bool, threads: usize) -> Resul
             push_chunks(&mut jobs, i, base + p.offset, p.data);
         }
     }
-    // Big chunks first: better balance across threads.
-    jobs.sort_by_key(|j| std::cmp::Reverse(j.data.len()));
+    // Jobs stay in file-major order: rayon hands each thread a contiguous run of them, so with several
+    // files the threads mostly write different files. Buffered writes to one file serialize on its
+    // inode lock in the kernel (tmpfs, ext4), so this is where parallel writes actually pay: measured
+    // 1 GiB as two files in 0.11-0.26 s against 0.22-1.18 s as one file, both with 2 threads.
     let run = |job: &Job<'_>| -> Result<()> {
         prefault(job.data);
         let (tmp, file) = &handles[job.file];

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,26 +219,21 @@ def made(op: Op) -> torch.Tensor:
     return t
 
 
-def write_safetensors_shards(plan: SavePlan, folder: Path) -> None:
-    """Write every shard of ``plan`` into ``folder`` (no index, no fsync). One shard is prepared (its
-    ops run, byte views taken) while the previous one is written by the native core with the GIL
-    released, so at most two shards' transformed tensors are alive at once."""
-
-    def prepare(shard: OutputShard) -> tuple[str, bytes, list[tuple[int, object]]]:
-        header, offsets = shard_header(shard)
-        pieces = [(begin, byte_view(made(op))) for (begin, _), op in zip(offsets, shard.ops)]
-        return str(folder / shard.name), header, pieces
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwise-write") as pool:
-        pending: Future[int] | None = None
-        for shard in plan.shards:
-            job = prepare(shard)  # the byte views keep their tensors alive until written
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(_core.write_file, *job, False)
-            del job
-        if pending is not None:
-            pending.result()
+def write_safetensors_shards(plan: SavePlan, folder: Path, concurrent_files: int | None = None) -> None:
+    """Write every shard of ``plan`` into ``folder`` (no index, no fsync), ``concurrent_files`` shards at
+    a time (default: one per CPU) in one native call with the GIL released: the kernel serializes
+    buffered writes to one file, so parallelism comes from writing several files at once. Only one
+    group's transformed tensors (e.g. re-permuted q/k) are alive at a time."""
+    group = concurrent_files or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    shards = plan.shards
+    for start in range(0, len(shards), group):
+        files = []
+        for shard in shards[start : start + group]:
+            header, offsets = shard_header(shard)
+            pieces = [(begin, byte_view(made(op))) for (begin, _), op in zip(offsets, shard.ops)]
+            files.append((str(folder / shard.name), header, pieces))  # the byte views keep their tensors alive
+        _core.write_files(files, False)
+        del files
 
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:

@@ -1,4 +1,5 @@
-//! Numeric-aware ("natural") ordering of shard file names.
+//! Numeric-aware ("natural") ordering of shard file names, and the checkpoint index model
+//! (`model.safetensors.index.json` / `pytorch_model.bin.index.json`).
 //!
 //! A name is cut into runs of ASCII digits and runs of anything else. Two names compare run by run:
 //! digit runs by numeric value (any length, leading zeros ignored), other runs as strings (byte
@@ -8,6 +9,11 @@
 //! `model-00002-of-00010` < `model-10-of-00010`. Full paths compare the same way, as whole strings.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
 
 /// One run of a name.
 #[derive(Debug, PartialEq, Eq)]
@@ -64,6 +70,79 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
 /// Sort shard names (or paths) naturally; see the module docs.
 pub fn sort_shard_names<S: AsRef<str>>(names: &mut [S]) {
     names.sort_by(|a, b| natural_cmp(a.as_ref(), b.as_ref()));
+}
+
+/// A checkpoint index: which file holds each tensor. Only the fields shardwise relies on are
+/// modelled; callers keep the raw bytes for everything else (`metadata`, extra keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    /// tensor name → shard file name (a plain name inside the index's folder)
+    pub weight_map: BTreeMap<String, String>,
+    /// `metadata.total_size`, when present and a non-negative integer
+    pub total_size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+    weight_map: Option<serde_json::Value>,
+}
+
+/// Whether `name` is a plain file name: it cannot point outside the folder it is joined to.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
+}
+
+impl Index {
+    /// Parse and validate an index file's bytes. `path` names the file in errors.
+    pub fn parse(path: &str, raw: &[u8]) -> Result<Index> {
+        let text = std::str::from_utf8(raw)
+            .map_err(|e| Error::format(path, format!("not UTF-8 ({e})")))?;
+        let parsed: RawIndex = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, format!("not a valid index ({e})")))?;
+        let Some(serde_json::Value::Object(map)) = parsed.weight_map else {
+            return Err(Error::format(path, "an index needs a 'weight_map' object"));
+        };
+        let mut weight_map = BTreeMap::new();
+        for (tensor, file) in map {
+            let serde_json::Value::String(file) = file else {
+                return Err(Error::format(
+                    path,
+                    format!("'weight_map' value of {tensor:?} must be a file name"),
+                ));
+            };
+            if !is_plain_file_name(&file) {
+                return Err(Error::format(
+                    path,
+                    format!("shard name {file:?} (of tensor {tensor:?}) would escape the index's folder"),
+                ));
+            }
+            weight_map.insert(tensor, file);
+        }
+        let total_size = parsed
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("total_size"))
+            .and_then(serde_json::Value::as_u64);
+        Ok(Index {
+            weight_map,
+            total_size,
+        })
+    }
+
+    /// The distinct shard names the index lists, in numeric order.
+    pub fn shards(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.weight_map.values().cloned().collect();
+        sort_shard_names(&mut names);
+        names.dedup();
+        names
+    }
 }
 
 #[cfg(test)]
@@ -190,6 +269,38 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn index_parses_and_sorts_its_shards() {
+        let raw = br#"{"metadata": {"total_size": 12, "x": 1}, "weight_map": {
+            "b": "model-10-of-10.safetensors", "a": "model-2-of-10.safetensors",
+            "c": "model-2-of-10.safetensors"}}"#;
+        let index = Index::parse("i.json", raw).expect("valid");
+        assert_eq!(index.total_size, Some(12));
+        assert_eq!(index.weight_map.len(), 3);
+        assert_eq!(
+            index.shards(),
+            vec!["model-2-of-10.safetensors", "model-10-of-10.safetensors"]
+        );
+    }
+
+    #[test]
+    fn index_rejects_bad_input_naming_the_file() {
+        for raw in [
+            &b"{"[..],
+            b"[]",
+            b"{}",
+            b"{\"weight_map\": []}",
+            b"{\"weight_map\": {\"a\": 3}}",
+            b"{\"weight_map\": {\"a\": \"../x.safetensors\"}}",
+            b"{\"weight_map\": {\"a\": \"/etc/passwd\"}}",
+            b"{\"weight_map\": {\"a\": \"..\"}}",
+            b"\xff\xfe",
+        ] {
+            let err = Index::parse("dir/idx.json", raw).expect_err("must fail");
+            assert!(err.to_string().contains("dir/idx.json"), "{err}");
         }
     }
 }

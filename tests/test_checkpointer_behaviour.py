@@ -412,3 +412,21 @@ def test_resume_accepts_torchtune_output_names(tmp_path):
     with pytest.raises(ValueError, match="No file with name"):
         FullModelHFCheckpointer(str(ckpt), ["epoch_0/model-00001-of-00003.safetensors"], "LLAMA2", str(out),
                                 should_load_recipe_state=True)
+
+
+def test_malformed_or_escaping_index_is_ignored_with_a_warning(tmp_path, caplog):
+    """Loading never needs the index (the files come from checkpoint_files): one that is malformed or
+    names a file outside its folder is reported and replaced by a correct one on save."""
+    spec = LlamaSpec()
+    sd = llama_state_dict(spec)
+    names = write_hf_checkpoint(tmp_path / "hf", sd, split_keys(list(sd), [5]), spec.config())
+    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+    good = json.loads(index_path.read_text())
+    bad = {"metadata": good["metadata"], "weight_map": {k: "../" + v for k, v in good["weight_map"].items()}}
+    index_path.write_text(json.dumps(bad))
+    ck = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3", str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING, logger="shardwise"):
+        ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
+    assert "would escape" in caplog.text
+    written = json.loads((tmp_path / "out/epoch_0/model.safetensors.index.json").read_text())
+    assert written == good

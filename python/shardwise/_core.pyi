@@ -34,6 +34,11 @@ def read_headers(paths: Sequence[str], threads: int = 0) -> list[SafetensorsHead
 def sort_shard_names(names: Sequence[str]) -> list[str]:
     """Numeric-aware sort: ``model-2-of-10`` before ``model-10-of-10``; padding does not matter."""
 
+def parse_index(raw: bytes, path: str) -> tuple[dict[str, str], list[str], int | None]:
+    """Validate a ``model.safetensors.index.json``/``pytorch_model.bin.index.json``: its
+    ``weight_map``, the shard names it lists in numeric order, and ``metadata.total_size``.
+    HeaderError naming ``path`` when malformed or when a shard name would escape the folder."""
+
 def dtype_size(dtype: str) -> int:
     """Bytes per element of a safetensors dtype name; HeaderError for unknown names."""
 

@@ -60,7 +60,7 @@ class Index:
 
 def _read_index(path: Path) -> Index:
     raw = path.read_bytes()
-    data, problem = parse_index(raw)
+    data, problem = parse_index(raw, path.name)
     return Index(path.name, raw, data, problem)
 
 

@@ -23,7 +23,7 @@ import torch
 from . import _core
 from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .convert.base import Op
-from .errors import ConversionError
+from .errors import CheckpointError, ConversionError
 from .shards import DTYPE_TO_ST, SourceFile, byte_view
 
 __all__ = [
@@ -280,17 +280,15 @@ def torch_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def parse_index(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """``(data, None)`` for a well-formed HF index, else ``(None, problem)``."""
+def parse_index(raw: bytes, name: str = "index") -> tuple[dict[str, Any] | None, str | None]:
+    """``(data, None)`` for a well-formed HF index whose shard names stay in its folder (validated by
+    the native core), else ``(None, problem)``. ``data`` is the whole JSON object, so that metadata
+    and extra keys survive a rewrite."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, f"not valid JSON ({e})"
-    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
-        return None, "an index needs a 'weight_map' object"
-    if not all(isinstance(v, str) for v in data["weight_map"].values()):
-        return None, "every 'weight_map' value must be a file name"
-    return data, None
+        _core.parse_index(raw, name)
+    except CheckpointError as e:
+        return None, str(e).removeprefix(f"{name}: ")
+    return json.loads(raw), None
 
 
 def read_index(folder: Path, name: str) -> tuple[Path, bytes, dict[str, Any]] | None:
@@ -300,7 +298,7 @@ def read_index(folder: Path, name: str) -> tuple[Path, bytes, dict[str, Any]] | 
     if not p.is_file():
         return None
     raw = p.read_bytes()
-    data, problem = parse_index(raw)
+    data, problem = parse_index(raw, str(p))
     if data is None:
         logger.warning("%s: ignoring the index: %s", p, problem)
         return None

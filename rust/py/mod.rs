@@ -21,6 +21,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_headers, m)?)?;
     m.add_function(wrap_pyfunction!(sort_shard_names, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_index, m)?)?;
     m.add_function(wrap_pyfunction!(dtype_size, m)?)?;
     m.add_function(wrap_pyfunction!(fresh_layout, m)?)?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;
@@ -168,6 +169,22 @@ fn read_headers(
 fn sort_shard_names(mut names: Vec<String>) -> Vec<String> {
     shards::sort_shard_names(&mut names);
     names
+}
+
+/// What `parse_index` returns: weight map, shard names in numeric order, `total_size`.
+type IndexParts = (
+    std::collections::BTreeMap<String, String>,
+    Vec<String>,
+    Option<u64>,
+);
+
+/// Validate an index file's bytes: `(weight_map, shards in numeric order, total_size or None)`.
+/// HeaderError naming `path` when malformed or when a shard name would escape the folder.
+#[pyfunction]
+fn parse_index(py: Python<'_>, raw: &[u8], path: &str) -> PyResult<IndexParts> {
+    let index = shards::Index::parse(path, raw).into_py_result(py)?;
+    let names = index.shards();
+    Ok((index.weight_map, names, index.total_size))
 }
 
 /// Bytes per element of a safetensors dtype name; HeaderError for unknown names.

@@ -47,7 +47,6 @@ from .layout import (
 )
 from .paths import (
     STAGING_MARK,
-    FormattedCheckpointFiles,
     check_outdir_not_in_ckptdir,
     copy_files,
     get_largest_iter_folder,
@@ -625,7 +624,4 @@ def _fsync_tree(folder: Path) -> None:
                 os.close(fd)
         _core.fsync_dir(root)
 
-
-# FormattedCheckpointFiles is part of this module's public surface in torchtune
-FormattedCheckpointFiles = FormattedCheckpointFiles
 

@@ -4,20 +4,19 @@ have no ``output.weight`` in torchtune (``TiedLinear``): a ``lm_head.weight`` st
 aside and written back as the current embedding, so a strict load into a tied model works."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from ..config import ModelConfig
 from .base import Converter, KeyTable, LoadResult, Op, identity_op, permute_to_hf, permute_to_tune, tied_op
 
-__all__ = ["LlamaConverter", "LLAMA_TABLE", "attention_dims"]
+__all__ = ["LLAMA_PAIRS", "LLAMA_TABLE", "LlamaConverter", "attention_dims", "llama_pairs"]
 
 _LM_HEAD = "lm_head.weight"
 _EMBED = "model.embed_tokens.weight"
 
-LLAMA_TABLE = KeyTable(
-    [
+LLAMA_PAIRS: list[tuple[str, str | None]] = [
         ("model.embed_tokens.weight", "tok_embeddings.weight"),
         ("model.layers.{n}.self_attn.q_proj.weight", "layers.{n}.attn.q_proj.weight"),
         ("model.layers.{n}.self_attn.k_proj.weight", "layers.{n}.attn.k_proj.weight"),
@@ -31,8 +30,22 @@ LLAMA_TABLE = KeyTable(
         ("model.layers.{n}.post_attention_layernorm.weight", "layers.{n}.mlp_norm.scale"),
         ("model.norm.weight", "norm.scale"),
         ("lm_head.weight", "output.weight"),
-    ]
-)
+]
+LLAMA_TABLE = KeyTable(LLAMA_PAIRS)
+
+
+def llama_pairs(
+    *,
+    retarget: Mapping[str, str | None] | None = None,
+    remove: Iterable[str] = (),
+    add: Iterable[tuple[str, str | None]] = (),
+) -> list[tuple[str, str | None]]:
+    """The generic Llama key pairs with a family's differences: HF keys mapped elsewhere (``retarget``),
+    HF keys the family does not have (``remove``) and extra entries (``add``)."""
+    retarget = retarget or {}
+    gone = set(remove)
+    pairs = [(hf, retarget.get(hf, tune)) for hf, tune in LLAMA_PAIRS if hf not in gone]
+    return pairs + list(add)
 
 
 def attention_dims(cfg: ModelConfig, use_head_dim: bool = True) -> tuple[int, int, int]:

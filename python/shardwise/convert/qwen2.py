@@ -10,28 +10,13 @@ import torch
 
 from ..config import ModelConfig
 from .base import Converter, KeyTable, LoadResult, Op, identity_op, tied_op
-from .llama import attention_dims
+from .llama import attention_dims, llama_pairs
 
 __all__ = ["QWEN2_PAIRS", "QWEN2_TABLE", "Qwen2Converter"]
 
-QWEN2_PAIRS: list[tuple[str, str | None]] = [
-    ("model.embed_tokens.weight", "tok_embeddings.weight"),
-    ("model.layers.{n}.self_attn.q_proj.weight", "layers.{n}.attn.q_proj.weight"),
-    ("model.layers.{n}.self_attn.q_proj.bias", "layers.{n}.attn.q_proj.bias"),
-    ("model.layers.{n}.self_attn.k_proj.weight", "layers.{n}.attn.k_proj.weight"),
-    ("model.layers.{n}.self_attn.k_proj.bias", "layers.{n}.attn.k_proj.bias"),
-    ("model.layers.{n}.self_attn.v_proj.weight", "layers.{n}.attn.v_proj.weight"),
-    ("model.layers.{n}.self_attn.v_proj.bias", "layers.{n}.attn.v_proj.bias"),
-    ("model.layers.{n}.self_attn.o_proj.weight", "layers.{n}.attn.output_proj.weight"),
-    ("model.layers.{n}.self_attn.rotary_emb.inv_freq", None),
-    ("model.layers.{n}.mlp.gate_proj.weight", "layers.{n}.mlp.w1.weight"),
-    ("model.layers.{n}.mlp.up_proj.weight", "layers.{n}.mlp.w3.weight"),
-    ("model.layers.{n}.mlp.down_proj.weight", "layers.{n}.mlp.w2.weight"),
-    ("model.layers.{n}.input_layernorm.weight", "layers.{n}.sa_norm.scale"),
-    ("model.layers.{n}.post_attention_layernorm.weight", "layers.{n}.mlp_norm.scale"),
-    ("model.norm.weight", "norm.scale"),
-    ("lm_head.weight", "output.weight"),
-]
+QWEN2_PAIRS: list[tuple[str, str | None]] = llama_pairs(
+    add=[(f"model.layers.{{n}}.self_attn.{p}_proj.bias", f"layers.{{n}}.attn.{p}_proj.bias") for p in "qkv"]
+)
 
 QWEN2_TABLE = KeyTable(QWEN2_PAIRS)
 

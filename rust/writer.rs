@@ -564,16 +564,10 @@ fn publish_dir_impl(staging: &Path, final_: &Path, try_exchange: bool) -> Result
         fsync_dir(parent_dir(staging))?;
     }
     if let Some(old) = old {
-        fs::remove_dir_all(&old).map_err(|e| {
-            Error::io(
-                final_,
-                format!(
-                    "published, but cannot remove the previous contents now at {}",
-                    old.display()
-                ),
-                e,
-            )
-        })?;
+        // The new contents are live: failing to delete the old tree is not a failed publish. What
+        // is left has a temporary (dot, `.shardwise-`) name, which resume discovery ignores and a
+        // later save removes.
+        let _ = fs::remove_dir_all(&old);
     }
     Ok(())
 }

@@ -74,4 +74,5 @@ def fsync_dir(path: str) -> None:
 
 def publish_dir(staging: str, final: str) -> None:
     """Atomically make directory ``staging`` visible as ``final``; an existing ``final`` is swapped
-    out in one step (``renameat2(RENAME_EXCHANGE)``) and then removed."""
+    out in one step (``renameat2(RENAME_EXCHANGE)``) and then removed (best effort: once the new
+    contents are live, a leftover old tree under its temporary name is not an error)."""

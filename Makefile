@@ -3,8 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.deps-installed
+TT_STAMP := $(VENV)/.torchtune-installed
 
-.PHONY: venv build run test test-py test-rust lint bench bench-full clean
+.PHONY: venv build run test test-py test-rust bench bench-full clean
 
 venv: $(STAMP)
 
@@ -13,11 +14,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q maturin
 	$(PIP) install -q -e '.[test]'
-	@# differential tests only (tests/test_torchtune_diff.py); shardwise itself never imports torchtune.
-	@# torchao is pinned: newer releases lack the module torchtune 0.6.1 imports.
+	touch $(STAMP)
+
+# For the differential tests only (tests/test_torchtune_diff.py); shardwise itself never imports
+# torchtune. torchao is pinned: newer releases lack the module torchtune 0.6.1 imports.
+$(TT_STAMP): $(STAMP)
 	$(PIP) install -q torchtune==0.6.1 torchao==0.10.0 torchvision \
 	  || echo "WARNING: torchtune 0.6.1 did not install; the differential tests will be skipped"
-	touch $(STAMP)
+	touch $(TT_STAMP)
 
 build: venv
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --quiet
@@ -30,7 +34,7 @@ test-rust:
 	cargo clippy --all-targets --all-features --quiet -- -D warnings
 	cargo test --quiet
 
-test-py: build
+test-py: build $(TT_STAMP)
 	$(VENV)/bin/ruff check python tests benches
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benches --benchmark-disable

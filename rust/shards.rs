@@ -11,8 +11,6 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-
 use crate::error::{Error, Result};
 
 /// One run of a name.
@@ -82,13 +80,6 @@ pub struct Index {
     pub total_size: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct RawIndex {
-    #[serde(default)]
-    metadata: Option<serde_json::Value>,
-    weight_map: Option<serde_json::Value>,
-}
-
 /// Whether `name` is a plain file name: it cannot point outside the folder it is joined to.
 pub fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty()
@@ -104,9 +95,12 @@ impl Index {
     pub fn parse(path: &str, raw: &[u8]) -> Result<Index> {
         let text = std::str::from_utf8(raw)
             .map_err(|e| Error::format(path, format!("not UTF-8 ({e})")))?;
-        let parsed: RawIndex = serde_json::from_str(text)
-            .map_err(|e| Error::format(path, format!("not a valid index ({e})")))?;
-        let Some(serde_json::Value::Object(map)) = parsed.weight_map else {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, format!("not valid JSON ({e})")))?;
+        let serde_json::Value::Object(mut top) = value else {
+            return Err(Error::format(path, "an index must be a JSON object"));
+        };
+        let Some(serde_json::Value::Object(map)) = top.remove("weight_map") else {
             return Err(Error::format(path, "an index needs a 'weight_map' object"));
         };
         let mut weight_map = BTreeMap::new();
@@ -125,9 +119,8 @@ impl Index {
             }
             weight_map.insert(tensor, file);
         }
-        let total_size = parsed
-            .metadata
-            .as_ref()
+        let total_size = top
+            .get("metadata")
             .and_then(|m| m.get("total_size"))
             .and_then(serde_json::Value::as_u64);
         Ok(Index {
@@ -291,6 +284,8 @@ mod tests {
         for raw in [
             &b"{"[..],
             b"[]",
+            b"[{}, {\"a\": \"model.safetensors\"}]",
+            b"{\"metadata\": {}}",
             b"{}",
             b"{\"weight_map\": []}",
             b"{\"weight_map\": {\"a\": 3}}",

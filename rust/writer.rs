@@ -565,8 +565,8 @@ fn publish_dir_impl(staging: &Path, final_: &Path, try_exchange: bool) -> Result
     }
     if let Some(old) = old {
         // The new contents are live: failing to delete the old tree is not a failed publish. What
-        // is left has a temporary (dot, `.shardwise-`) name, which resume discovery ignores and a
-        // later save removes.
+        // is left keeps its temporary name (the staging path, or `final.shardwise-old-<pid>`), which
+        // resume discovery ignores; the caller removes it (and can warn) once this returns.
         let _ = fs::remove_dir_all(&old);
     }
     Ok(())

@@ -430,3 +430,50 @@ def test_malformed_or_escaping_index_is_ignored_with_a_warning(tmp_path, caplog)
     assert "would escape" in caplog.text
     written = json.loads((tmp_path / "out/epoch_0/model.safetensors.index.json").read_text())
     assert written == good
+
+
+def test_pruning_keeps_the_folder_read_and_the_recipe_states_folder(tmp_path, caplog):
+    spec = LlamaSpec()
+    sd = llama_state_dict(spec)
+    names = write_hf_checkpoint(tmp_path / "hf", sd, [list(sd)], spec.config())
+    out = tmp_path / "out"
+    ck = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3", str(out), keep_last_n_checkpoints=1)
+    model = ck.load_checkpoint()["model"]
+    ck.save_checkpoint({"model": model, "epochs_run": 1}, epoch=0, intermediate_checkpoint=True)
+    ck.save_checkpoint({"model": model}, epoch=1)  # final: epoch_0 goes with the recipe state, so it stays
+    assert (out / "epoch_0").is_dir() and (out / "epoch_1").is_dir()
+    ck.save_checkpoint({"model": model, "epochs_run": 3}, epoch=2, intermediate_checkpoint=True)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch")) == ["epoch_2"]
+    # a run that reads its weights from output_dir/epoch_2 never prunes that folder
+    reader = FullModelHFCheckpointer(str(out / "epoch_2"), names, "LLAMA3", str(out), keep_last_n_checkpoints=1)
+    m2 = reader.load_checkpoint()["model"]
+    reader.save_checkpoint({"model": m2, "epochs_run": 4}, epoch=3, intermediate_checkpoint=True)
+    reader.save_checkpoint({"model": m2}, epoch=4)
+    # epoch_2: read by this run; epoch_3: the recipe state's; epoch_4: just saved
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch")) == ["epoch_2", "epoch_3", "epoch_4"]
+    # explicit files from another folder than the recipe state's: loaded as asked, with a warning
+    with caplog.at_level(logging.WARNING, logger="shardwise"):
+        FullModelHFCheckpointer(str(tmp_path / "hf"), [f"epoch_4/{names[0]}"], "LLAMA3", str(out),
+                                should_load_recipe_state=True)
+    assert "the checkpoint the recipe state was saved with" in caplog.text
+
+
+def test_copy_files_fails_when_the_checkpoint_dir_is_gone(tmp_path):
+    from shardwise import CheckpointIOError
+
+    with pytest.raises(CheckpointIOError, match="checkpoint_dir is gone"):
+        copy_files(tmp_path / "missing", tmp_path / "dst")
+
+
+def test_index_that_is_not_an_object_is_ignored(tmp_path, caplog):
+    spec = LlamaSpec()
+    sd = llama_state_dict(spec)
+    names = write_hf_checkpoint(tmp_path / "hf", sd, split_keys(list(sd), [5]), spec.config())
+    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+    good = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps([{}, good]))
+    ck = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3", str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING, logger="shardwise"):
+        ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
+    assert "must be a JSON object" in caplog.text
+    assert json.loads((tmp_path / "out/epoch_0/model.safetensors.index.json").read_text()) == good

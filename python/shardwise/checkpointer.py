@@ -47,6 +47,7 @@ from .layout import (
 )
 from .paths import (
     STAGING_MARK,
+    FormattedCheckpointFiles,
     check_outdir_not_in_ckptdir,
     copy_files,
     get_largest_iter_folder,
@@ -63,7 +64,7 @@ from .recipe_state import (
 )
 from .shards import SourceFile, load_merged, read_sources, with_file
 
-__all__ = ["FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
+__all__ = ["FormattedCheckpointFiles", "FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
 logger = logging.getLogger("shardwise")
 
@@ -203,18 +204,21 @@ class FullModelHFCheckpointer:
         state was saved with (so weights and optimizer state match, even if a later final save or a
         crash between publishing and committing the recipe state left a newer folder), else the latest."""
         latest = self._latest_checkpoint_folder()
+        self._paired_folder: Path | None = None
         if self._recipe_checkpoint is None:
             return latest
         name = recipe_state_folder(self._recipe_checkpoint)
-        if name is None or not (self._output_dir / name).is_dir():
+        if name is None:
             return latest
-        paired = self._output_dir / name
-        if latest is not None and paired != latest:
+        if not (self._output_dir / name).is_dir():
             logger.warning(
-                "Resuming from %s, the checkpoint the recipe state was saved with; the newer %s has no "
-                "recipe state of its own", paired, latest,
+                "The recipe state %s was saved with %s, which no longer exists; resuming from %s, so the "
+                "weights and the optimizer state may not match",
+                self._recipe_checkpoint, self._output_dir / name, latest,
             )
-        return paired
+            return latest
+        self._paired_folder = self._output_dir / name
+        return self._paired_folder
 
     def _resolve_adapter_checkpoint(self, adapter_checkpoint: str | None) -> Path | None:
         """Explicit ``adapter_checkpoint`` (relative to ``output_dir``; must exist), else the adapter of
@@ -277,9 +281,18 @@ class FullModelHFCheckpointer:
             if latest is None:
                 raise
             try:
-                return resolve_checkpoint_files(checkpoint_files, latest, torchtune_names=True)
+                paths = resolve_checkpoint_files(checkpoint_files, latest, torchtune_names=True)
             except ValueError:
                 raise first from None
+            logger.info("Resuming a full fine-tune from %s", latest)
+            return paths
+        paired = self._paired_folder
+        if paired is not None and not all(paired.resolve() in p.resolve().parents for p in paths):
+            logger.warning(
+                "checkpoint_files %s are not in %s, the checkpoint the recipe state was saved with: the "
+                "weights and the optimizer state may not match",
+                [str(p) for p in paths], paired,
+            )
         ckpt = self._checkpoint_dir.resolve()
         if latest is not None and all(ckpt in p.resolve().parents for p in paths):
             moved = [latest / p.resolve().relative_to(ckpt) for p in paths]
@@ -425,6 +438,13 @@ class FullModelHFCheckpointer:
                 recipe_tmp.unlink(missing_ok=True)
             raise
         logger.info("Checkpoint saved to %s", final)
+        # publish_dir deletes a replaced folder best-effort; whatever it left (at the staging name, or
+        # renamed aside where the exchange is unsupported) is ours to remove, and worth a warning
+        for leftover in (staging, final.with_name(f"{final.name}{STAGING_MARK}old-{os.getpid()}")):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+                if leftover.exists():
+                    logger.warning("Could not remove the replaced checkpoint left at %s", leftover)
 
         if recipe_tmp is not None:
             commit(recipe_tmp, recipe_path, fsync=self._fsync)
@@ -551,10 +571,13 @@ class FullModelHFCheckpointer:
         surplus = max(0, len(found) + (1 if keep else 0) - self._keep_last_n)
         # never delete the folder this run reads from (a resume with checkpoint_dir=output_dir/epoch_N)
         in_use = [self._checkpoint_dir.resolve(), *(s.path.resolve() for s in self._sources)]
+        paired = recipe_state_folder(self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt")
+        if paired is not None:  # the weights that go with the recipe state a resume will load
+            in_use.append((self._output_dir / paired).resolve())
         for _, name in found[:surplus]:
             folder = (self._output_dir / name).resolve()
             if any(p == folder or folder in p.parents for p in in_use):
-                logger.info("Keeping old checkpoint %s: this run reads from it", name)
+                logger.info("Keeping old checkpoint %s: this run reads from it, or it goes with the recipe state", name)
                 continue
             doomed = self._output_dir / f".{name}{STAGING_MARK}old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -219,12 +218,17 @@ def made(op: Op) -> torch.Tensor:
     return t
 
 
-def write_safetensors_shards(plan: SavePlan, folder: Path, concurrent_files: int | None = None) -> None:
+#: shards written at once: the kernel serializes buffered writes to one file, so parallelism comes
+#: from writing several files; a constant (not one per CPU) keeps peak memory O(1) in model size,
+#: since a group's transformed tensors and host copies (GPU, non-contiguous) are alive together
+CONCURRENT_FILES = 2
+
+
+def write_safetensors_shards(plan: SavePlan, folder: Path, concurrent_files: int = CONCURRENT_FILES) -> None:
     """Write every shard of ``plan`` into ``folder`` (no index, no fsync), ``concurrent_files`` shards at
-    a time (default: one per CPU) in one native call with the GIL released: the kernel serializes
-    buffered writes to one file, so parallelism comes from writing several files at once. Only one
-    group's transformed tensors (e.g. re-permuted q/k) are alive at a time."""
-    group = concurrent_files or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    a time in one native call with the GIL released; only that group's transformed tensors (e.g.
+    re-permuted q/k, host copies of GPU tensors) are alive at once."""
+    group = max(1, concurrent_files)
     shards = plan.shards
     for start in range(0, len(shards), group):
         files = []

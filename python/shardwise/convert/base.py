@@ -120,6 +120,7 @@ class KeyTable:
 
     def __init__(self, pairs: Iterable[tuple[str, str | None]]) -> None:
         self._pairs = list(pairs)
+        self._inverse: KeyTable | None = None
         self._exact: dict[str, str | None] = {}
         self._patterns: dict[str, list[tuple[re.Pattern[str], str | None]]] = {}
         for src, dst in self._pairs:
@@ -161,8 +162,11 @@ class KeyTable:
         return mapped
 
     def inverse(self) -> KeyTable:
-        """The reverse table over the entries that are not dropped."""
-        return KeyTable((dst, src) for src, dst in self._pairs if dst is not None)
+        """The reverse table over the entries that are not dropped; built once (tables are immutable),
+        so converters can ask for it on every save, or per key, without recompiling its patterns."""
+        if self._inverse is None:
+            self._inverse = KeyTable((dst, src) for src, dst in self._pairs if dst is not None)
+        return self._inverse
 
 
 def _check_rows(w: Tensor, n_heads: int, head_dim: int, key: str) -> None:

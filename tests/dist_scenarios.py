@@ -1,0 +1,121 @@
+"""Rank functions for the multi-process tests (importable for the spawn start method)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+
+def _mesh(world: int):
+    return init_device_mesh("cpu", (world,))
+
+
+def shard_dict(full: dict[str, torch.Tensor], world: int, placements: dict[str, str] | None = None) -> dict[str, Any]:
+    """Each tensor as a DTensor (``Shard(0)`` by default; ``"1"`` → ``Shard(1)``, ``"r"`` → replicated,
+    ``"plain"`` → an ordinary tensor on every rank)."""
+    mesh = _mesh(world)
+    out: dict[str, Any] = {}
+    for k, t in full.items():
+        how = (placements or {}).get(k, "0")
+        if how == "plain" or t.dim() == 0:
+            out[k] = t.clone()
+        elif how == "r":
+            out[k] = distribute_tensor(t, mesh, [Replicate()])
+        else:
+            out[k] = distribute_tensor(t, mesh, [Shard(int(how))])
+    return out
+
+
+def save_raw(rank: int, world: int, full: dict[str, torch.Tensor], out: str, placements: dict[str, str] | None,
+             mapping: dict[str, int] | None = None) -> bool:
+    """HF-keyed tensors through ``shardwise.dcp.save`` (no conversion, fresh layout)."""
+    from shardwise import dcp as sdcp
+
+    sd = shard_dict(full, world, placements)
+    sdcp.save(sd, out, fqn_to_index_mapping=mapping)
+    return True
+
+
+def save_checkpointer(rank: int, world: int, ckpt_dir: str, out_dir: str, model_type: str, files: list[str],
+                      placements: dict[str, str] | None = None, epoch: int = 0,
+                      change: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every rank: load with FullModelHFCheckpointer, shard the torchtune state dict, save collectively."""
+    from shardwise import FullModelHFCheckpointer
+
+    ck = FullModelHFCheckpointer(ckpt_dir, files, model_type, out_dir)
+    tune = ck.load_checkpoint()["model"]
+    full = {k: v.clone() for k, v in tune.items()}
+    for k, delta in (change or {}).items():
+        full[k] = full[k] + delta
+    sd = shard_dict(full, world, placements)
+    state = {"model": sd, **(extra or {})}
+    ck.save_checkpoint(state, epoch=epoch)
+    return {"keys": sorted(full)}
+
+
+def load_sharded(rank: int, world: int, path: str, model_type: str | None, full: dict[str, torch.Tensor],
+                 placements: dict[str, str] | None = None) -> bool:
+    """``shardwise.dcp.load`` into DTensors; each rank checks its local rows against ``full``."""
+    from shardwise import dcp as sdcp
+
+    template = shard_dict({k: torch.zeros_like(v) for k, v in full.items()}, world, placements)
+    sdcp.load(template, path, model_type=model_type)
+    for k, v in template.items():
+        got = v.full_tensor() if isinstance(v, DTensor) else v
+        if not torch.equal(got, full[k]):
+            raise AssertionError(f"rank {rank}: {k} differs after load")
+        if isinstance(v, DTensor):
+            expect = distribute_tensor(full[k], v.device_mesh, v.placements).to_local()
+            if not torch.equal(v.to_local(), expect):
+                raise AssertionError(f"rank {rank}: local shard of {k} differs")
+    return True
+
+
+def fail_one_rank(rank: int, world: int, full: dict[str, torch.Tensor], out: str, how: str, bad_rank: int) -> str:
+    """One rank raises (or dies) inside ``write_data``; the others must get an error, not hang."""
+    from shardwise import dcp as sdcp
+    from shardwise.dcp.writer import HFStorageWriter
+
+    orig = HFStorageWriter.write_data
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        if rank == bad_rank:
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(28, "No space left on device (injected)")
+        return orig(self, plan, planner)
+
+    HFStorageWriter.write_data = write_data  # type: ignore[method-assign]
+    sd = shard_dict(full, world)
+    try:
+        sdcp.save(sd, out)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def unshared_filesystem(rank: int, world: int, full: dict[str, torch.Tensor], out: str, other_root: str) -> str:
+    """Rank 1 sees another filesystem: the save must fail clearly on every rank."""
+    from shardwise import dcp as sdcp
+    from shardwise.dcp.writer import HFStorageWriter
+
+    if rank == 1:
+        HFStorageWriter._rank_view = lambda self, p: Path(other_root) / p.name  # type: ignore[method-assign]
+    sd = shard_dict(full, world)
+    try:
+        sdcp.save(sd, out)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def barrier_ok(rank: int, world: int) -> int:
+    dist.barrier()
+    return rank

@@ -114,7 +114,6 @@ def tied_op(key: str, current: Tensor, kept: Tensor, original: Tensor | None = N
 
     if original is not None and not same_layout(kept, original):
         return identity_op(key, kept)  # not a copy of the tied tensor: write it back as it was
-    # as a row map (a distributed save) the copy follows ``current``: equal bytes when unchanged
 
     def make() -> Tensor:
         if (
@@ -126,7 +125,9 @@ def tied_op(key: str, current: Tensor, kept: Tensor, original: Tensor | None = N
             return kept
         return current
 
-    return Op(key, current.dtype, tuple(current.shape), make, (RowSource(current),))
+    # no row map: which bytes are written depends on comparing whole tensors (a distributed save
+    # gathers ``current`` for this one key)
+    return Op(key, current.dtype, tuple(current.shape), make)
 
 
 def materialize(ops: Iterable[Op]) -> dict[str, Tensor]:

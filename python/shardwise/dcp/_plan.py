@@ -93,7 +93,9 @@ def plan_layout(
         ops = source.converter.tune_to_hf_ops(model, source.config, source.aside)
     else:
         ops = [identity_op(k, t) for k, t in model.items()]
-    ops += [identity_op(k[len(HF_PREFIX) :], t) for k, t in direct.items()]
+    # already-converted HF tensors take the place of the op that would have made them
+    given = {k[len(HF_PREFIX) :]: identity_op(k[len(HF_PREFIX) :], t) for k, t in direct.items()}
+    ops = [given.pop(op.key, op) for op in ops] + list(given.values())
 
     if fqn_to_index_mapping is not None and not source.sources:
         plan = _fixed_shards(ops, fqn_to_index_mapping)

@@ -179,7 +179,8 @@ class HFStorageWriter(StorageWriter):
             for dest in rp.dests.get(item.index.fqn, ()):
                 chunk = td.chunk
                 segs = chunk_segments(dest, tuple(td.size), tuple(chunk.offsets), tuple(chunk.sizes), t.element_size())
-                pending[dest.file].append((view, segs))
+                if len(segs):
+                    pending[dest.file].append((view, segs))
             results.append(WriteResult(index=item.index, size_in_bytes=t.nbytes, storage_data=None))
             copies += t.nbytes if copied else 0
             if copies > _MAX_PENDING_COPIES:
@@ -188,7 +189,8 @@ class HFStorageWriter(StorageWriter):
             for tensor, dest in self.layout.local:
                 t, _ = _host_contiguous(tensor)
                 segs = chunk_segments(dest, tuple(t.shape), (0,) * t.dim(), tuple(t.shape), t.element_size())
-                pending[dest.file].append((byte_view(t), segs))
+                if len(segs):
+                    pending[dest.file].append((byte_view(t), segs))
         flush()
         if self.fsync:
             self._fsync_files(staging, rp)

@@ -8,6 +8,7 @@ test instead of hanging CI). ``fn`` must be importable (module level) for the sp
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -51,9 +52,18 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
                 dist.destroy_process_group()
             except Exception:
                 pass
-        q.put((rank, "ok", out))
+        # tensors would travel as shared-memory handles that die with this process: send bytes
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        q.put((rank, "ok", buf.getvalue()))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _decode(raw: bytes) -> Any:
+    import torch
+
+    return torch.load(io.BytesIO(raw), weights_only=False)
 
 
 def run_ranks(
@@ -82,7 +92,7 @@ def run_ranks(
                     if r not in results and not p.is_alive() and p.exitcode not in (0, None):
                         results[r] = ("died", p.exitcode)
                 continue
-            results[rank] = out if status == "ok" else ("error", out)
+            results[rank] = _decode(out) if status == "ok" else ("error", out)
     finally:
         for p in procs:
             p.join(timeout=max(0.1, min(10.0, deadline - time.monotonic())))

@@ -54,6 +54,35 @@ def _has_dtensor(obj: Any) -> bool:
     return False
 
 
+#: stands in ``recipe_state.pt`` for a DTensor saved with DCP under the name that follows it
+_LEAF = "__shardwise_dcp_leaf__"
+
+
+def _split_leaves(obj: Any, path: str, leaves: dict[str, DTensor]) -> Any:
+    """``obj`` with every DTensor replaced by a ``(_LEAF, name)`` marker (the DTensor goes to
+    ``leaves[name]``), keeping every container type and key (DCP alone would turn int keys into str)."""
+    if isinstance(obj, DTensor):
+        leaves[path] = obj
+        return (_LEAF, path)
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _split_leaves(v, f"{path}.{k}", leaves)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_split_leaves(v, f"{path}.{i}", leaves) for i, v in enumerate(obj))
+    return obj
+
+
+def _fill_leaves(obj: Any, leaves: Mapping[str, torch.Tensor], where: Path) -> Any:
+    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _LEAF:
+        if obj[1] not in leaves:
+            raise CheckpointError(f"{where}: the sharded recipe state has no tensor {obj[1]!r}")
+        return leaves[obj[1]]
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _fill_leaves(v, leaves, where)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill_leaves(v, leaves, where) for v in obj)
+    return obj
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -162,17 +191,18 @@ def save_collective(
     try:
         if intermediate_checkpoint:
             recipe = recipe_keys(state_dict, final.name)
-            sharded = {k: v for k, v in recipe.items() if _has_dtensor(v)}
+            sharded = sorted(k for k, v in recipe.items() if _has_dtensor(v))
             if sharded:
                 name = f".sharded{STAGING_MARK}{uuid.uuid4().hex[:8]}"
                 name = _broadcast(name)
                 opt_tmp = sharded_dir.parent / name
+                leaves: dict[str, DTensor] = {}
+                recipe = {k: (_split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
                 try:
-                    dcp.save(sharded, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck._fsync))
+                    dcp.save(leaves, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck._fsync))
                 except CheckpointException as e:
                     raise unwrap(e, "save of the sharded recipe state") from None
-                recipe = {k: v for k, v in recipe.items() if k not in sharded}
-                recipe[SHARDED_KEYS] = sorted(sharded)
+                recipe[SHARDED_KEYS] = sharded
                 recipe[SHARDED_DIR] = f"{RECIPE_STATE_DIRNAME}/{sharded_dir.name}"
             if coord:
                 recipe_tmp = stage_torch_save(
@@ -228,12 +258,22 @@ def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[s
         raise CheckpointError(
             f"{path}: the sharded recipe state ({', '.join(keys)}) recorded in recipe_state.pt is missing"
         )
-    full: dict[str, Any] = {}
-    _load_state_dict(full, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+    leaves: dict[str, Any] = {}
+    _load_state_dict(leaves, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
                      no_dist=True)
-    missing = [k for k in keys if k not in full]
-    if missing:
-        raise CheckpointError(f"{path}: the sharded recipe state lacks {missing}")
-    state.update({k: full[k] for k in keys})
+    flat = _flatten(leaves)
+    for k in keys:
+        state[k] = _fill_leaves(state[k], flat, path)
     return state
 
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """DCP's loader nests dotted names again; the markers name the dotted form."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{name}."))
+        else:
+            out[name] = v
+    return out

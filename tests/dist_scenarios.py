@@ -57,6 +57,8 @@ def save_checkpointer(rank: int, world: int, ckpt_dir: str, out_dir: str, model_
     sd = shard_dict(full, world, placements)
     state = {"model": sd, **(extra or {})}
     ck.save_checkpoint(state, epoch=epoch)
+    if change is not None and epoch == 1:  # also the unchanged weights, as epoch 0, in the same run
+        ck.save_checkpoint({"model": shard_dict(dict(tune), world, placements)}, epoch=0)
     return {"keys": sorted(full)}
 
 

@@ -78,12 +78,14 @@ def test_families_through_the_checkpointer(tmp_path: Path, family: str, world: i
         save_file({k: hf[k].contiguous() for k in g}, str(src / names[-1]), metadata={"format": "pt"})
     (src / "config.json").write_text(json.dumps(cfg))
     mt = FAMILIES[family].model_type.name
-    run_ranks(S.save_checkpointer, world, str(src), str(tmp_path / "out"), mt, names, None, 0)
-    got = _model_files(tmp_path / "out" / "epoch_0")
-    assert got == {n: (src / n).read_bytes() for n in names}  # no index in the input: none written
-    tune0 = FullModelHFCheckpointer(str(src), names, mt, str(tmp_path / "x")).load_checkpoint()["model"]
+    single = FullModelHFCheckpointer(str(src), names, mt, str(tmp_path / "x"))
+    tune0 = single.load_checkpoint()["model"]
     change = {k: 0.5 for k in tune0}
     run_ranks(S.save_checkpointer, world, str(src), str(tmp_path / "out"), mt, names, None, 1, change)
+    got = _model_files(tmp_path / "out" / "epoch_0")  # unchanged weights
+    assert {n: got[n] for n in names} == {n: (src / n).read_bytes() for n in names}
+    single.save_checkpoint({"model": tune0}, epoch=0)
+    assert got == _model_files(tmp_path / "x" / "epoch_0")  # and the index a single process writes
     ref = FullModelHFCheckpointer(str(src), names, mt, str(tmp_path / "ref"))
     tune = ref.load_checkpoint()["model"]
     ref.save_checkpoint({"model": {k: v.clone() + 0.5 for k, v in tune.items()}}, epoch=1)

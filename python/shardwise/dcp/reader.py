@@ -47,8 +47,12 @@ def hf_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
+    found_files = [p for p in folder.glob("model*.safetensors") if p.is_file()]
+    if len(found_files) == 1:
+        return found_files
     raise CheckpointError(
-        f"{folder}: no {SAFETENSOR_INDEX_FNAME} and no model.safetensors: not an HF safetensors checkpoint"
+        f"{folder}: no {SAFETENSOR_INDEX_FNAME} and no single model*.safetensors file: not an HF safetensors "
+        "checkpoint this reader can take without guessing"
     )
 
 

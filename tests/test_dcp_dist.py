@@ -48,8 +48,13 @@ def test_fsdp2_collective_saves_are_exact(tmp_path: Path, world: int) -> None:
     assert _files(tmp_path / "in") == _files(out / "epoch_0")  # shards, index and config.json
     ref = FullModelHFCheckpointer(str(tmp_path / "in"), names, "LLAMA3", str(tmp_path / "ref"))
     ref.load_checkpoint()
-    ref.save_checkpoint({"model": res[0]["full"]}, epoch=1)
+    ref.save_checkpoint({"model": res[0]["full"], "adapter": res[0]["adapter"],
+                         "adapter_config": res[0]["adapter_config"]}, epoch=1)
     assert _model_files(out / "epoch_1") == _model_files(tmp_path / "ref" / "epoch_1")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "config.json"):  # gathered adapters
+        assert (out / "epoch_1" / name).read_bytes() == (tmp_path / "ref" / "epoch_1" / name).read_bytes()
+    got = torch.load(out / "epoch_1" / "adapter_model.pt", weights_only=True)
+    assert all(torch.equal(got[k], v) for k, v in res[0]["adapter"].items()) and set(got) == set(res[0]["adapter"])
     assert sorted(os.listdir(out)) == ["epoch_0", "epoch_1", "recipe_state"]  # no staging leftovers
     resumed = FullModelHFCheckpointer(str(tmp_path / "in"), names, "LLAMA3", str(out), should_load_recipe_state=True)
     state = resumed.load_checkpoint()
@@ -57,8 +62,8 @@ def test_fsdp2_collective_saves_are_exact(tmp_path: Path, world: int) -> None:
     for i, t in res[0]["exp_avg"].items():
         assert torch.equal(state["optimizer"]["state"][i]["exp_avg"], t)
     assert state["optimizer"]["param_groups"] == [{"lr": 0.1, "params": list(range(len(res[0]["exp_avg"])))}]
-    for k, t in res[0]["full"].items():  # the weights resumed are the epoch_1 ones
-        assert torch.equal(state["model"][k], t), k
+    for k, t in res[0]["adapter"].items():  # a LoRA resume: the adapter saved with the recipe state
+        assert torch.equal(state["adapter"][k], t), k
 
 
 @pytest.mark.parametrize("family,world", [("LLAMA3_2", 2), ("LLAMA4", 2), ("PHI3_MINI", 4)])

@@ -142,10 +142,9 @@ def _materialize_non_row_ops(
             continue
         t = made(op)
         if mesh is not None and t.dim() > 0:
-            t = DTensor.from_local(
-                torch.tensor_split(t, world, dim=0)[rank].contiguous(), mesh, [Shard(0)],
-                shape=t.shape, stride=t.stride(),
-            )
+            c = -(-t.shape[0] // world)  # torch.chunk's split, which Shard(0) and DCP's offsets assume
+            local = t[min(rank * c, t.shape[0]) : min((rank + 1) * c, t.shape[0])].contiguous()
+            t = DTensor.from_local(local, mesh, [Shard(0)], shape=t.shape, stride=t.stride())
         out[HF_PREFIX + op.key] = t
     for k in needed:  # consumed by the HF tensors above; the other ops need only what is left
         used_elsewhere = any(owner.get(id(rs.tensor)) == k for o in ops if o.rows for rs in o.rows)
@@ -168,6 +167,11 @@ def save_collective(
         raise CheckpointError("a state dict with DTensors is saved collectively: initialise torch.distributed first")
     rank, world = dist.get_rank(), dist.get_world_size()
     coord = rank == 0
+    if coord:
+        from ..checkpointer import _remove_stale_leftovers
+
+        ck._output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_leftovers(ck._output_dir)
     ck._ensure_sources()
     adapter_full = {k: _full(v) for k, v in adapter.items()} if adapter is not None else None
     out_sd = _materialize_non_row_ops(ck, model, world, rank) if model is not None else {}

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-from ckpt_factory import LlamaSpec, llama_state_dict, write_hf_checkpoint
-
 import tt_scenarios as S
 from dist_helpers import run_ranks
+
+from ckpt_factory import LlamaSpec, llama_state_dict, write_hf_checkpoint
 
 HAVE_TT = importlib.util.find_spec("torchtune") is not None
 needs_torchtune = pytest.mark.skipif(not HAVE_TT, reason="torchtune 0.6.1 is not installed (make test installs it)")

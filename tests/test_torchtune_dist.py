@@ -81,6 +81,7 @@ def test_client_saves_collectively_without_gather(runs: dict[str, Any]) -> None:
 def test_saved_optimizer_is_keyed_by_name_like_torch(runs: dict[str, Any]) -> None:
     for r in range(WORLD):
         assert runs["a"][r]["same_names"], f"rank {r}: names differ from get_optimizer_state_dict's"
+        assert runs["a"][r]["dsd_kept"], f"rank {r}: get_optimizer_state_dict's sharded form was changed"
         assert runs["b"][r]["optimizer_loaded_exactly"], f"rank {r}: loaded optimizer != torch's full state dict"
         assert runs["b"][r]["progress"] == [EPOCHS - 1, EPOCHS, STEPS, 0]
 
@@ -147,3 +148,14 @@ def test_is_a_torchtune_distributed_checkpointer(tmp_path: Path) -> None:
     assert isinstance(ck, DistributedCheckpointer) and isinstance(ck, FullModelHFCheckpointer)
     with pytest.raises(CheckpointError, match="enable_async_checkpointing"):
         ck.save_checkpoint({"model": {}}, epoch=0, save_async=True)
+    # a single-device / gathered save (plain tensors) keeps the optimizer as the recipe gave it
+    tune = ck.load_checkpoint()["model"]
+    params = [torch.nn.Parameter(t.float().clone()) for t in tune.values()]
+    opt = torch.optim.AdamW(params[:2])
+    for p in params[:2]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    raw = opt.state_dict()
+    ck.save_checkpoint({"model": tune, "optimizer": raw, "seed": 0}, epoch=0, intermediate_checkpoint=True)
+    saved = torch.load(tmp_path / "out" / "recipe_state" / "recipe_state.pt", weights_only=False)["optimizer"]
+    assert sorted(saved["state"]) == [0, 1] and saved["param_groups"][0]["params"] == [0, 1]

@@ -145,6 +145,13 @@ def run_and_save(rank: int, world: int, ckpt_dir: str, files: list[str], out_dir
             out["same_names"] = sorted(by_name["state"]) == sorted(full_opt["state"]) and [
                 g["params"] for g in by_name["param_groups"]] == [g["params"] for g in full_opt["param_groups"]]
             out["refused"] = _refusals(model.state_dict(), opt.state_dict())
+            # torch's sharded, name-keyed form (what a LoRA recipe can pass) goes through untouched
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            dsd = get_optimizer_state_dict(model, opt)
+            kept = optimizer_state_by_name(dsd, model.state_dict())
+            out["dsd_kept"] = kept["state"] is dsd["state"] and all(
+                isinstance(v, DTensor) for st in dsd["state"].values() for v in st.values() if v.dim())
             if rank == 0:
                 torch.save(full_opt, stash)
     full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}

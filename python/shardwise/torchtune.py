@@ -83,7 +83,9 @@ def _by_name_one(opt: Mapping[str, Any], names: list[str], model: Mapping[str, A
         raise OptimizerKeyError(
             f"the optimizer holds {len(ids)} parameters but the model state dict has {len(names)} sharded "
             "parameters (DTensors): its ids cannot be matched to names by order. Build the optimizer from "
-            "model.parameters() of the fully sharded model (as torchtune's recipes do)"
+            "model.parameters() of the fully sharded model (as torchtune's recipes do), or pass "
+            "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(model, optimizer), which is "
+            "keyed by name and stays sharded"
         )
     to_name = dict(zip(ids, names))
     unknown = [k for k in state if k not in to_name]
@@ -152,9 +154,12 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
             raise CheckpointError(
                 "DistributedHFCheckpointer saves synchronously: set enable_async_checkpointing: False"
             )
-        opt = state_dict.get(OPT_KEY)
-        if intermediate_checkpoint and isinstance(opt, Mapping) and isinstance(state_dict.get(MODEL_KEY), Mapping):
-            state_dict = {**state_dict, OPT_KEY: optimizer_state_by_name(opt, state_dict[MODEL_KEY])}
+        opt, model = state_dict.get(OPT_KEY), state_dict.get(MODEL_KEY)
+        # sharded (every rank, from CheckpointClient): re-key by name. A gathered or single-device save
+        # (other recipes call this on rank 0 with full tensors) keeps the optimizer as the recipe gave it.
+        if (intermediate_checkpoint and isinstance(opt, Mapping) and isinstance(model, Mapping)
+                and any(_is_dtensor(v) for v in model.values())):
+            state_dict = {**state_dict, OPT_KEY: optimizer_state_by_name(opt, model)}
         super().save_checkpoint(state_dict, epoch, intermediate_checkpoint, adapter_only, **kwargs)
 
     def load_checkpoint(  # type: ignore[override]

@@ -185,9 +185,9 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
         hyperparameters and names are real). ``training.load_from_full_optimizer_state_dict`` takes the
         values from rank 0 (``distribute_tensor`` scatters from rank 0; the DSD path broadcasts from it),
         so a node need not hold one full optimizer state per rank."""
-        if _rank() == 0:
-            return super()._load_sharded_recipe_state(recipe)
-        return _skeleton_recipe_state(self._output_dir, recipe)
+        from shardwise.dcp.collective import load_sharded_recipe_state
+
+        return load_sharded_recipe_state(self._output_dir, recipe, values=_rank() == 0)
 
     def _load_into(self, state_dict: dict[str, Any], checkpoint_path: str | os.PathLike[str] | None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -220,47 +220,6 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
                 raise unwrap(e, "load of the sharded optimizer state") from None
             state_dict[OPT_KEY] = _back_to_ids(opt, box[OPT_KEY])
         return state_dict
-
-
-def _skeleton_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """``load_sharded_recipe_state`` without reading any non-scalar tensor: those are zeros of the saved
-    shape and dtype, expanded from one element."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    from shardwise.dcp.collective import SHARDED_DIR, SHARDED_KEYS
-
-    keys = state.pop(SHARDED_KEYS, None)
-    folder = state.pop(SHARDED_DIR, None)
-    if not keys:
-        return state
-    path = output_dir / str(folder)
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(
-            f"{path}: the sharded recipe state ({', '.join(keys)}) recorded in recipe_state.pt is missing"
-        )
-    reader = FileSystemReader(str(path))
-    md = reader.read_metadata()
-    big = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata) and len(v.size)}
-    small = set(md.state_dict_metadata) - set(big)
-    out: dict[str, Any] = {}
-    if small:
-        _load_state_dict(out, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=small), no_dist=True)
-    for k, v in big.items():
-        placeholder = torch.zeros((), dtype=v.properties.dtype).expand(v.size)  # stride 0: no memory
-        where = (md.planner_data or {}).get(k)
-        if where is not None:
-            set_element(out, where, placeholder)
-        else:
-            out[k] = placeholder
-    missing = [k for k in keys if k not in out]
-    if missing:
-        raise CheckpointError(f"{path}: the sharded recipe state lacks {missing}")
-    state.update({k: out[k] for k in keys})
-    return state
 
 
 def _back_to_ids(template: Mapping[str, Any], by_name: Mapping[str, Any]) -> dict[str, Any]:

@@ -213,14 +213,18 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any], values: bool = True) -> dict[str, Any]:
     """Merge back the recipe keys a collective save wrote sharded (as full, unsharded values, the
-    form ``load_checkpoint`` has always returned); ``state`` is what ``recipe_state.pt`` held."""
+    form ``load_checkpoint`` has always returned); ``state`` is what ``recipe_state.pt`` held. With
+    ``values=False`` no non-scalar tensor is read: each is a zero placeholder of its shape and dtype
+    (stride 0, no memory), for ranks that take the values from rank 0."""
     keys = state.pop(SHARDED_KEYS, None)
     folder = state.pop(SHARDED_DIR, None)
     if not keys:
         return state
+    from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     path = output_dir / str(folder)
@@ -229,8 +233,19 @@ def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[s
             f"{path}: the sharded recipe state ({', '.join(keys)}) recorded in recipe_state.pt is missing"
         )
     full: dict[str, Any] = {}
-    _load_state_dict(full, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    reader = FileSystemReader(str(path))
+    md = reader.read_metadata()
+    entries = md.state_dict_metadata
+    skip = [k for k, v in entries.items() if not values and isinstance(v, TensorStorageMetadata) and len(v.size)]
+    wanted = set(entries) - set(skip)
+    if wanted:
+        planner = _EmptyStateDictLoadPlanner(keys=wanted if skip else None)
+        _load_state_dict(full, storage_reader=reader, planner=planner, no_dist=True)
+    for k in skip:
+        meta = entries[k]
+        assert isinstance(meta, TensorStorageMetadata)
+        zeros = torch.zeros((), dtype=meta.properties.dtype).expand(meta.size)
+        set_element(full, (md.planner_data or {}).get(k, (k,)), zeros)
     missing = [k for k in keys if k not in full]
     if missing:
         raise CheckpointError(f"{path}: the sharded recipe state lacks {missing}")

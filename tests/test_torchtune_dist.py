@@ -21,6 +21,8 @@ import pytest
 import torch
 import tt_scenarios as S
 from dist_helpers import run_ranks
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ckpt_factory import LlamaSpec, llama_state_dict, write_hf_checkpoint
 
@@ -159,3 +161,65 @@ def test_is_a_torchtune_distributed_checkpointer(tmp_path: Path) -> None:
     ck.save_checkpoint({"model": tune, "optimizer": raw, "seed": 0}, epoch=0, intermediate_checkpoint=True)
     saved = torch.load(tmp_path / "out" / "recipe_state" / "recipe_state.pt", weights_only=False)["optimizer"]
     assert sorted(saved["state"]) == [0, 1] and saved["param_groups"][0]["params"] == [0, 1]
+
+
+_SHAPES = [(4, 3), (3, 4), (4,), (2, 3)]
+
+
+def _opt(shapes: list[tuple[int, ...]], cuts: list[int], with_state: list[bool]) -> dict[str, Any]:
+    """An ``optimizer.state_dict()`` over parameters ``0..n-1`` in order (torch numbers them so)."""
+    n = len(shapes)
+    bounds = [0, *sorted({c % (n + 1) for c in cuts}), n]
+    groups = [{"lr": 0.1 * i, "params": list(range(a, b))} for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    state = {i: {"step": torch.tensor(3.0), "exp_avg": torch.empty(shapes[i], device="meta")}
+             for i in range(n) if with_state[i]}
+    return {"state": state, "param_groups": groups}
+
+
+@needs_torchtune
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(_SHAPES), min_size=1, max_size=7), st.lists(st.integers(0, 8), max_size=2),
+       st.lists(st.booleans(), min_size=7, max_size=7), st.randoms(use_true_random=False))
+def test_ids_to_names_is_the_order_or_a_refusal(shapes: list[tuple[int, ...]], cuts: list[int],
+                                                 with_state: list[bool], rnd: Any) -> None:
+    """Matched in order when the model's parameters are the optimizer's; otherwise either refused or
+    (only where shapes cannot tell) matched by order — never a state tensor under a parameter of another
+    shape."""
+    from shardwise.torchtune import OptimizerKeyError, _by_name_one
+
+    names = [f"layers.{i}.w" for i in range(len(shapes))]
+    model = {n: torch.empty(s, device="meta") for n, s in zip(names, shapes)}
+    opt = _opt(shapes, cuts, with_state)
+    got = _by_name_one(opt, names, model)
+    assert got["state"] == {names[i]: s for i, s in opt["state"].items()}
+    assert [g["params"] for g in got["param_groups"]] == [[names[i] for i in g["params"]] for g in opt["param_groups"]]
+    assert [g["lr"] for g in got["param_groups"]] == [g["lr"] for g in opt["param_groups"]]
+
+    order = names[:]
+    rnd.shuffle(order)
+    try:
+        moved = _by_name_one(opt, order, model)
+    except OptimizerKeyError:
+        assert opt["state"] and any(model[order[i]].shape != s["exp_avg"].shape for i, s in opt["state"].items())
+    else:
+        for name, s in moved["state"].items():
+            assert s["exp_avg"].shape == model[name].shape
+    if len(names) > 1:
+        with pytest.raises(OptimizerKeyError, match="cannot be matched"):
+            _by_name_one(opt, names[:-1], model)
+
+
+@needs_torchtune
+def test_optimizer_in_backward_form_is_keyed_per_parameter() -> None:
+    """``OptimizerInBackwardWrapper.state_dict()``: one optimizer per parameter name, each id 0."""
+    from shardwise.torchtune import OptimizerKeyError, optimizer_state_by_name
+
+    model = {"a.w": torch.empty(4, 3, device="meta"), "b.w": torch.empty(3, device="meta")}
+    per = {n: {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.empty(t.shape, device="meta")}},
+               "param_groups": [{"lr": 1e-3, "params": [0]}]} for n, t in model.items()}
+    got = optimizer_state_by_name(per, model)
+    assert {n: list(v["state"]) for n, v in got.items()} == {"a.w": ["a.w"], "b.w": ["b.w"]}
+    assert got["a.w"]["param_groups"][0]["params"] == ["a.w"]
+    per["a.w"], per["b.w"] = per["b.w"], per["a.w"]  # shapes tell the swap
+    with pytest.raises(OptimizerKeyError, match="shape"):
+        optimizer_state_by_name(per, model)

@@ -10,6 +10,7 @@ Two spawns in all; every check reads their results."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import shutil
 import subprocess
@@ -148,6 +149,7 @@ def test_is_a_torchtune_distributed_checkpointer(tmp_path: Path) -> None:
     files = write_hf_checkpoint(tmp_path / "in", sd, [sorted(sd)], spec.config())
     ck = DistributedHFCheckpointer(str(tmp_path / "in"), files, "LLAMA3", str(tmp_path / "out"))
     assert isinstance(ck, DistributedCheckpointer) and isinstance(ck, FullModelHFCheckpointer)
+    assert inspect.signature(DistributedHFCheckpointer) == inspect.signature(FullModelHFCheckpointer)
     with pytest.raises(CheckpointError, match="enable_async_checkpointing"):
         ck.save_checkpoint({"model": {}}, epoch=0, save_async=True)
     # a single-device / gathered save (plain tensors) keeps the optimizer as the recipe gave it

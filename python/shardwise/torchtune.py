@@ -13,7 +13,6 @@ Importing this module imports torchtune; ``import shardwise`` never does.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,8 +26,6 @@ from shardwise.constants import MODEL_KEY, OPT_KEY
 from shardwise.errors import CheckpointError
 
 __all__ = ["DistributedHFCheckpointer", "OptimizerKeyError", "optimizer_state_by_name"]
-
-logger = logging.getLogger("shardwise")
 
 _STATE = "state"
 _GROUPS = "param_groups"
@@ -131,12 +128,8 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
     YAML: ``checkpointer: {_component_: shardwise.torchtune.DistributedHFCheckpointer, ...}``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        FullModelHFCheckpointer.__init__(self, *args, **kwargs)
-        # what torchtune's DistributedCheckpointer keeps (not its dist_epoch_N folders: ours are HF)
-        self._process_group = None
-        self._checkpoint_future = None
-        self._rank = _rank()
+    # the constructor is FullModelHFCheckpointer's (first in the MRO); DistributedCheckpointer's own
+    # state serves only its methods, all of which are overridden here
 
     def save_checkpoint(  # type: ignore[override]
         self,
@@ -166,8 +159,9 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
         self, state_dict: dict[str, Any] | None = None, checkpoint_path: str | os.PathLike[str] | None = None
     ) -> dict[str, Any]:
         """Without ``state_dict`` (``CheckpointClient.load_base_checkpoint``): the full load of
-        ``FullModelHFCheckpointer`` — model mapped, optimizer state (when resuming) as full tensors keyed by
-        name, ready for ``training.load_from_full_optimizer_state_dict``.
+        ``FullModelHFCheckpointer`` — model mapped; when resuming, the optimizer state keyed by name, ready
+        for ``training.load_from_full_optimizer_state_dict`` (full tensors on rank 0, zero placeholders
+        elsewhere: see ``_load_sharded_recipe_state``).
 
         With ``state_dict`` (``DistributedCheckpointer``'s form, a sharded template): it is filled in place —
         each rank reads only its rows of the model from the HF folder (``checkpoint_path``, else the

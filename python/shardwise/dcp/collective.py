@@ -247,14 +247,17 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any], values: bool = True) -> dict[str, Any]:
     """Merge back the recipe keys a collective save wrote sharded (as full, unsharded values, the
-    form ``load_checkpoint`` has always returned); ``state`` is what ``recipe_state.pt`` held."""
+    form ``load_checkpoint`` has always returned); ``state`` is what ``recipe_state.pt`` held. With
+    ``values=False`` no non-scalar tensor is read: each is a zero placeholder of its shape and dtype
+    (stride 0, no memory), for ranks that take the values from rank 0."""
     keys = state.pop(SHARDED_KEYS, None)
     folder = state.pop(SHARDED_DIR, None)
     if not keys:
         return state
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     path = output_dir / str(folder)
@@ -262,10 +265,20 @@ def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[s
         raise CheckpointError(
             f"{path}: the sharded recipe state ({', '.join(keys)}) recorded in recipe_state.pt is missing"
         )
+    reader = FileSystemReader(str(path))
+    md = reader.read_metadata()
+    entries = md.state_dict_metadata
+    skip = [k for k, v in entries.items() if not values and isinstance(v, TensorStorageMetadata) and len(v.size)]
+    wanted = set(entries) - set(skip)
     leaves: dict[str, Any] = {}
-    _load_state_dict(leaves, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    if wanted:
+        planner = _EmptyStateDictLoadPlanner(keys=wanted if skip else None)
+        _load_state_dict(leaves, storage_reader=reader, planner=planner, no_dist=True)
     flat = _flatten(leaves)
+    for k in skip:  # placeholders of the right shape that take no memory
+        meta = entries[k]
+        assert isinstance(meta, TensorStorageMetadata)
+        flat[k] = torch.zeros((), dtype=meta.properties.dtype).expand(meta.size)
     for k in keys:
         state[k] = _fill_leaves(state[k], flat, path)
     return state

@@ -36,7 +36,7 @@ from .api import save, unwrap
 if TYPE_CHECKING:
     from ..checkpointer import FullModelHFCheckpointer
 
-__all__ = ["SHARDED_KEYS", "load_sharded_recipe_state", "save_collective"]
+__all__ = ["SHARDED_KEYS", "fill_leaves", "load_sharded_recipe_state", "save_collective", "split_leaves"]
 
 #: recorded in ``recipe_state.pt`` by a collective save: the recipe keys saved sharded with DCP, and
 #: the folder (relative to ``output_dir``) that holds them
@@ -58,28 +58,28 @@ def _has_dtensor(obj: Any) -> bool:
 _LEAF = "__shardwise_dcp_leaf__"
 
 
-def _split_leaves(obj: Any, path: str, leaves: dict[str, DTensor]) -> Any:
+def split_leaves(obj: Any, path: str, leaves: dict[str, DTensor]) -> Any:
     """``obj`` with every DTensor replaced by a ``(_LEAF, name)`` marker (the DTensor goes to
     ``leaves[name]``), keeping every container type and key (DCP alone would turn int keys into str)."""
     if isinstance(obj, DTensor):
         leaves[path] = obj
         return (_LEAF, path)
     if isinstance(obj, Mapping):
-        return type(obj)((k, _split_leaves(v, f"{path}.{k}", leaves)) for k, v in obj.items())
+        return type(obj)((k, split_leaves(v, f"{path}.{k}", leaves)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_split_leaves(v, f"{path}.{i}", leaves) for i, v in enumerate(obj))
+        return type(obj)(split_leaves(v, f"{path}.{i}", leaves) for i, v in enumerate(obj))
     return obj
 
 
-def _fill_leaves(obj: Any, leaves: Mapping[str, torch.Tensor], where: Path) -> Any:
+def fill_leaves(obj: Any, leaves: Mapping[str, torch.Tensor], where: Path) -> Any:
     if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _LEAF:
         if obj[1] not in leaves:
             raise CheckpointError(f"{where}: the sharded recipe state has no tensor {obj[1]!r}")
         return leaves[obj[1]]
     if isinstance(obj, Mapping):
-        return type(obj)((k, _fill_leaves(v, leaves, where)) for k, v in obj.items())
+        return type(obj)((k, fill_leaves(v, leaves, where)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_fill_leaves(v, leaves, where) for v in obj)
+        return type(obj)(fill_leaves(v, leaves, where) for v in obj)
     return obj
 
 
@@ -201,7 +201,7 @@ def save_collective(
                 name = _broadcast(name)
                 opt_tmp = sharded_dir.parent / name
                 leaves: dict[str, DTensor] = {}
-                recipe = {k: (_split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
+                recipe = {k: (split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
                 try:
                     dcp.save(leaves, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck._fsync))
                 except CheckpointException as e:
@@ -280,7 +280,7 @@ def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any], values: b
         assert isinstance(meta, TensorStorageMetadata)
         flat[k] = torch.zeros((), dtype=meta.properties.dtype).expand(meta.size)
     for k in keys:
-        state[k] = _fill_leaves(state[k], flat, path)
+        state[k] = fill_leaves(state[k], flat, path)
     return state
 
 

@@ -1,6 +1,6 @@
 """Finding a checkpoint's weight files and index, and reading what their headers say (no tensor data).
 
-Used by the ``shardwise`` command and the report functions (``report.py``, ``tunedir.py``).
+Used by the ``shardwise`` command and the report functions (``report_*.py``, ``tunedir.py``).
 """
 
 from __future__ import annotations

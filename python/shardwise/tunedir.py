@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import __version__, _core
-from ._progress import Progress
+from ._progress import Progress, human_bytes
 from ._scan import not_a_folder, scan_folder
 from .checkpointer import _fsync_tree, _model_type, parse_size
 from .config import ModelConfig
@@ -46,7 +46,7 @@ from .layout import (
     write_safetensors_shards,
 )
 from .paths import check_outdir_not_in_ckptdir, copy_files, resolve_checkpoint_files, safe_join
-from .report import Report
+from .report_base import Report, n_of, register_renderer
 from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
 
 __all__ = ["ASIDE_NAME", "ORIGIN_NAME", "ORIGIN_SCHEMA", "convert_checkpoint"]
@@ -456,3 +456,22 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
     side = copy_files(src, out, ignore_suffixes=[*SUFFIXES_TO_NOT_COPY, ORIGIN_NAME])
     result.files.extend((str(p.relative_to(out)), "side", None) for p in side)
     return result
+
+
+def _render_convert(r: Report) -> list[str]:
+    st = r.stats
+    arrow = "HF → torchtune" if r.details["direction"] == "hf-to-tune" else "torchtune → HF"
+    lines = [
+        f"converted {r.path} → {r.details['output']} ({arrow}, {r.details['model_type']})",
+        f"  {n_of(st['shards'], 'shard')}, {n_of(st['tensors'], 'tensor')}, {human_bytes(st['bytes'])}"
+        + (f", {st['aside']} kept aside" if st.get("aside") else "")
+        + f" in {st['seconds']:.3f} s",
+    ]
+    w = max([len(f["name"]) for f in r.files] + [4])
+    for f in r.files:
+        tensors = "" if f["tensors"] is None else f"{f['tensors']} tensors"
+        lines.append(f"  {f['name']:<{w}}  {human_bytes(f['size']):>9}  {f['role']:<6}  {tensors}".rstrip())
+    return lines
+
+
+register_renderer("convert", _render_convert)

@@ -6,7 +6,9 @@ written back byte for byte; the bulk I/O runs in a Rust core (``shardwise._core`
 
 from __future__ import annotations
 
-from .checkpointer import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import ModelConfig
 from .constants import (
     ADAPTER_CONFIG,
@@ -27,7 +29,27 @@ from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionE
 from .paths import FormattedCheckpointFiles, get_largest_iter_folder
 from .report import Problem, Report, compare, roundtrip, verify
 
+if TYPE_CHECKING:
+    from .checkpointer import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+
 __version__ = "0.1.0"
+
+#: names whose modules import torch: loaded on first use, so that ``shardwise --version``, ``inspect``,
+#: ``verify`` and ``compare`` of headers start without the seconds ``import torch`` takes
+_LAZY = dict.fromkeys(("FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"), "checkpointer")
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardwise' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "ADAPTER_CONFIG",

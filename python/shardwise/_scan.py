@@ -5,6 +5,7 @@ Used by the ``shardwise`` command and the report functions (``report_*.py``, ``t
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -15,9 +16,7 @@ from typing import Any
 from . import _core
 from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .errors import CheckpointError, CheckpointIOError
-from .layout import parse_index
 from .paths import safe_join
-from .shards import DTYPE_TO_ST, SourceFile, load_source_tensors
 
 __all__ = ["FileInfo", "Index", "Scan", "TensorInfo", "not_a_folder", "read_files", "scan", "structure_problems"]
 
@@ -56,6 +55,17 @@ class Index:
     def metadata(self) -> dict[str, Any]:
         md = (self.data or {}).get("metadata")
         return md if isinstance(md, dict) else {}
+
+
+def parse_index(raw: bytes, name: str = "index") -> tuple[dict[str, Any] | None, str | None]:
+    """``(data, None)`` for a well-formed HF index whose shard names stay in its folder (validated by
+    the native core), else ``(None, problem)``. ``data`` is the whole JSON object, so that metadata
+    and extra keys survive a rewrite."""
+    try:
+        _core.parse_index(raw, name)
+    except CheckpointError as e:
+        return None, str(e).removeprefix(f"{name}: ")
+    return json.loads(raw), None
 
 
 def _read_index(path: Path) -> Index:
@@ -234,6 +244,8 @@ def _size(p: Path) -> int | None:
 
 
 def _torch_info(name: str, p: Path, strict: bool) -> FileInfo:
+    from .shards import DTYPE_TO_ST, SourceFile, load_source_tensors  # torch: only for .bin/.pt files
+
     try:
         sd = load_source_tensors(SourceFile(p))
     except (CheckpointError, OSError) as e:

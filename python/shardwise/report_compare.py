@@ -8,20 +8,23 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ._progress import Progress, human_bytes
 from ._scan import FileInfo, Scan, TensorInfo, file_format, read_files, scan
 from .errors import CheckpointError
 from .report_base import CHUNK, Problem, Report, register_renderer
 
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: inspect/verify/--version start without it
+
 __all__ = ["compare", "file_rows", "first_difference"]
 
 
 def _u8(path: Path) -> np.ndarray:
     """The file's bytes as a read-only mapped array (empty array for an empty file)."""
+    import numpy as np
+
     if path.stat().st_size == 0:
         return np.empty(0, dtype=np.uint8)
     return np.memmap(path, dtype=np.uint8, mode="r")
@@ -29,6 +32,8 @@ def _u8(path: Path) -> np.ndarray:
 
 def first_difference(a: np.ndarray, b: np.ndarray, progress: Progress | None = None) -> tuple[int, int] | None:
     """``[begin, end)`` of the first run of differing bytes (a length difference counts), or None."""
+    import numpy as np
+
     n = min(len(a), len(b))
     for start in range(0, n, CHUNK):
         end = min(start + CHUNK, n)
@@ -79,6 +84,8 @@ def _tensor_bytes(info: FileInfo, path: Path, arr: np.ndarray) -> Callable[[Tens
     from .shards import SourceFile, byte_view, load_source_tensors
 
     loaded = load_source_tensors(SourceFile(path))
+
+    import numpy as np
 
     def torch_bytes(t: TensorInfo) -> np.ndarray:
         v = byte_view(loaded[t.name])
@@ -184,6 +191,8 @@ def _compare_index(
     entry: dict[str, Any] = {"name": ai.name, "expected": ei.name, "status": "identical", "first_difference": None}
     if ei.raw == ai.raw:
         return entry, []
+    import numpy as np
+
     r = first_difference(np.frombuffer(ei.raw, np.uint8), np.frombuffer(ai.raw, np.uint8))
     entry["first_difference"] = {"range": list(r) if r else None, "region": "index", "tensor": None}
     entry["status"] = "different"

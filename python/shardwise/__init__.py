@@ -27,16 +27,19 @@ from .constants import (
 )
 from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError, HeaderError
 from .paths import FormattedCheckpointFiles, get_largest_iter_folder
-from .report import Problem, Report, compare, roundtrip, verify
 
 if TYPE_CHECKING:
     from .checkpointer import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+    from .report import Problem, Report, compare, roundtrip, verify
 
 __version__ = "0.1.0"
 
-#: names whose modules import torch: loaded on first use, so that ``shardwise --version``, ``inspect``,
-#: ``verify`` and ``compare`` of headers start without the seconds ``import torch`` takes
-_LAZY = dict.fromkeys(("FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"), "checkpointer")
+#: loaded on first use: the checkpointer imports torch (``shardwise --version``, ``inspect``, ``verify``
+#: and ``compare`` of headers start without the seconds that takes), the reports numpy
+_LAZY = {
+    **dict.fromkeys(("FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"), "checkpointer"),
+    **dict.fromkeys(("Problem", "Report", "compare", "roundtrip", "verify"), "report"),
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,9 @@ from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .errors import CheckpointError, CheckpointIOError
 from .paths import safe_join
 
-__all__ = ["FileInfo", "Index", "Scan", "TensorInfo", "not_a_folder", "read_files", "scan", "structure_problems"]
+__all__ = [
+    "FileInfo", "Index", "Scan", "TensorInfo", "not_a_folder", "read_files", "scan", "side_files", "structure_problems",
+]
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 #: files next to the weights that are not model shards
@@ -31,6 +33,25 @@ def is_weight_file(name: str) -> bool:
     if name.startswith(".") or name in _NOT_SHARDS or name.startswith(_NOT_SHARD_PREFIXES):
         return False
     return name.endswith(".safetensors") or name.endswith(TORCH_SUFFIXES)
+
+
+#: the files next to the weights that integrity checks pin and ``compare`` compares: model config,
+#: generation config, tokenizer and processor files
+SIDE_FILE_NAMES = frozenset({
+    "config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.json",
+    "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+})
+
+
+def side_files(folder: Path) -> list[str]:
+    """The side files present in ``folder`` (``SIDE_FILE_NAMES`` and ``tokenizer*``), sorted."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    wanted = [n for n in names if n in SIDE_FILE_NAMES or (n.startswith("tokenizer") and not n.endswith(".tmp"))]
+    return sorted(n for n in wanted if (folder / n).is_file())
 
 
 def file_format(name: str) -> str:

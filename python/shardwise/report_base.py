@@ -27,7 +27,9 @@ PROBLEM_KINDS = (
     # pinned checksums (verify --against)
     "size", "checksum",
     # comparisons (roundtrip, compare)
-    "extra-file", "renamed-file", "extra-tensor", "dtype", "shape", "data", "metadata", "header",
+    "extra-file", "renamed-file", "extra-tensor", "dtype", "shape", "data", "metadata", "header", "layout",
+    # side files (verify --against, compare)
+    "side-file",
 )
 
 

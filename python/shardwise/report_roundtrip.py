@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ._progress import human_bytes
+from ._progress import Progress, human_bytes
 from ._scan import file_format, not_a_folder, scan
 from .errors import CheckpointError
 from .report_base import Report, n_of, register_renderer
@@ -89,14 +89,16 @@ def roundtrip(
             return output_name(name, True) if file_format(name) == "torch" else name
 
         t = time.perf_counter()
-        cmp = compare(src, work / "hf", rename=rename, progress=progress)
+        cmp = compare(src, work / "hf", rename=rename, strict_layout=True, progress=progress)
         timings["compare_seconds"] = time.perf_counter() - t
         # the path recipes take: FullModelHFCheckpointer load_checkpoint → save_checkpoint
         t = time.perf_counter()
         ck = FullModelHFCheckpointer(str(src), s.shards, mt.name, str(work / "checkpointer"), fsync=False)
-        ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
+        size = sum((src / n).stat().st_size for n in s.shards)
+        with Progress(size, "checkpointer load → save", enabled=progress) as bar, bar.watch_writes():
+            ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
         timings["checkpointer_seconds"] = time.perf_counter() - t
-        via_ck = compare(src, work / "checkpointer" / "epoch_0", rename=rename, progress=progress)
+        via_ck = compare(src, work / "checkpointer" / "epoch_0", rename=rename, strict_layout=True, progress=progress)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)

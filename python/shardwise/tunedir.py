@@ -41,7 +41,6 @@ from .layout import (
     SavePlan,
     count_params,
     index_bytes,
-    op_nbytes,
     plan_shards,
     write_safetensors_shards,
 )
@@ -94,7 +93,7 @@ def convert_checkpoint(
             result = _to_tune(src_p, staging, mt, cap, progress)
         else:
             result = _to_hf(src_p, staging, mt, cap, progress)
-        _fsync_tree(staging)
+        _sync(staging, progress)
         _core.publish_dir(str(staging), str(dst_p))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,28 +138,33 @@ class _Result:
     aside: int = 0
 
 
-def _with_progress(ops: Sequence[Op], bar: Progress) -> list[Op]:
-    """The same ops, counting each tensor's bytes when it is produced (just before it is written)."""
+def _labelled(shard: OutputShard, bar: Progress, label: str) -> list[Op]:
+    """The shard's ops, the first of which names the shard on the bar when the writer gets to it."""
 
-    def wrap(op: Op) -> Op:
-        n = op_nbytes(op)
-
+    def first(op: Op) -> Op:
         def make() -> torch.Tensor:
-            t = op.make()
-            bar.update(n)
-            return t
+            bar.set_label(f"{label} {shard.name}")
+            return op.make()
 
         return Op(op.key, op.dtype, op.shape, make)
 
-    return [wrap(op) for op in ops]
+    return [first(op) for op in shard.ops[:1]] + list(shard.ops[1:])
 
 
 def _write_plan(plan: SavePlan, folder: Path, label: str, progress: bool) -> None:
-    total = plan.total_size
-    with Progress(total, label, enabled=progress) as bar:
+    """Write the plan's shards; the bar follows the bytes as the native writer writes them."""
+    with Progress(plan.total_size, label, enabled=progress) as bar:
         for shard in plan.shards:
-            shard.ops = _with_progress(shard.ops, bar)
-        write_safetensors_shards(plan, folder)
+            shard.ops = _labelled(shard, bar, label)
+        with bar.watch_writes():
+            write_safetensors_shards(plan, folder)
+
+
+def _sync(folder: Path, progress: bool) -> None:
+    """fsync everything written (on a disk this can take seconds: it gets a bar of its own)."""
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    with Progress(total, "fsync", enabled=progress) as bar:
+        _fsync_tree(folder, lambda p: (bar.set_label(f"fsync {p.name}"), bar.update(p.stat().st_size)))
 
 
 def _meta(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

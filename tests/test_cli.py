@@ -239,7 +239,7 @@ def test_more_failure_modes(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     code, _, err = _main(["convert", hf, str(tmp_path / "full"), "--to", "tune", "--model-type", "LLAMA3"], capsys)
     _one_line_error(code, err, "--overwrite")
     code, _, err = _main(["convert", hf, str(tmp_path / "y"), "--to", "hf"], capsys)
-    _one_line_error(code, err, "model type")
+    _one_line_error(code, err, "already a Hugging Face checkpoint")
     (tmp_path / "bad.json").write_text("{")
     code, _, err = _main(["verify", hf, "--against", str(tmp_path / "bad.json")], capsys)
     _one_line_error(code, err, "manifest")

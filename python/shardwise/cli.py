@@ -170,8 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             subs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         command = f" {args.command}"
         return _run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the work's own handlers have removed what it had started
         print(f"shardwise{command}: interrupted", file=sys.stderr)
+        if argv is None:  # the program itself: exit 130 even where an interrupted import (torch runs
+            sys.stdout.flush()  # code through PyRun_*) has latched "die by SIGINT at exit" in CPython
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
 

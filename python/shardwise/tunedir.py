@@ -29,7 +29,7 @@ import torch
 
 from . import __version__, _core
 from ._progress import Progress, human_bytes
-from ._scan import not_a_folder, scan_folder
+from ._scan import not_a_folder, read_files, scan_folder
 from .checkpointer import _fsync_tree, _model_type, parse_size
 from .config import ModelConfig
 from .constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
@@ -44,7 +44,7 @@ from .layout import (
     plan_shards,
     write_safetensors_shards,
 )
-from .paths import check_outdir_not_in_ckptdir, copy_files, resolve_checkpoint_files, safe_join
+from .paths import copy_files, resolve_checkpoint_files, safe_join
 from .report_base import Report, n_of, register_renderer
 from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
 
@@ -118,9 +118,12 @@ def convert_checkpoint(
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    check_outdir_not_in_ckptdir(src, dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"SRC and DST are the same folder ({src}): convert writes a new folder, give another DST")
+    if src.resolve() in dst.resolve().parents:
+        raise ValueError(f"DST {dst} is inside SRC {src}: give a DST outside it")
     if dst.resolve() in src.resolve().parents:
-        raise ValueError(f"the output folder {dst} contains the input folder {src}")
+        raise ValueError(f"DST {dst} contains SRC {src}: give a DST that does not")
     if dst.exists():
         if not dst.is_dir():
             raise CheckpointError(f"{dst}: exists and is not a folder")
@@ -391,6 +394,22 @@ def _origin_sources(origin: Mapping[str, Any], where: str) -> tuple[list[SourceF
     return sources, key_source
 
 
+#: key prefixes only Hugging Face checkpoints have (torchtune keys start with tok_embeddings, layers, ...)
+_HF_PREFIXES = ("model.", "lm_head.", "transformer.", "language_model.", "vision_model.", "text_model.")
+
+
+def _refuse_hf_folder(src: Path) -> None:
+    """``--to hf`` of a folder that is already Hugging Face (no origin, HF key names): say so."""
+    s = scan_folder(src)
+    infos = read_files(s.root, [n for n in s.shards if n in s.present])
+    hf_key = next((t.name for f in infos for t in f.tensors if t.name.startswith(_HF_PREFIXES)), None)
+    if hf_key is not None:
+        raise CheckpointError(
+            f"{src}: already a Hugging Face checkpoint (keys like {hf_key!r}, no {ORIGIN_NAME}); "
+            "to convert it to torchtune keys use --to tune"
+        )
+
+
 def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress: bool) -> _Result:
     origin_path = src / ORIGIN_NAME
     origin = _read_origin(origin_path) if origin_path.exists() else None
@@ -400,6 +419,8 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
             mt = recorded
         elif get_converter(mt).__class__ is not get_converter(recorded).__class__:
             raise ConfigError(f"{origin_path}: converted as {recorded.name}, but the model type given is {mt.name}")
+    if origin is None:
+        _refuse_hf_folder(src)
     if mt is None:
         raise ValueError(f"{src} has no {ORIGIN_NAME}: give the model type (e.g. LLAMA3)")
     conv = get_converter(mt)

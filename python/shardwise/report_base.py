@@ -79,6 +79,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found."""
         return not self.problems
 
     @property
@@ -100,6 +101,7 @@ class Report:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict()`` as JSON text (what ``--json`` prints)."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def summary(self, max_problems: int = 40) -> str:

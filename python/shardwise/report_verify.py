@@ -108,7 +108,8 @@ def verify(
     and its file has exactly the size the header implies, and ``total_size`` is right.
 
     ``checksums`` adds per-file sha256 (computed in parallel); ``write_manifest`` writes them to a JSON
-    manifest; ``against`` compares with such a manifest (missing/extra files, sizes, hashes). Problems
+    manifest, pinning the side files too (``config.json``, ``generation_config.json``, tokenizer
+    files); ``against`` compares with such a manifest (missing/extra files, sizes, hashes). Problems
     make ``ok`` False; a path that does not exist or an unreadable manifest raises.
     """
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._scan import FileInfo
+from ._scan import FileInfo, Scan
 
 __all__ = ["PROBLEM_KINDS", "SCHEMA_VERSION", "Problem", "Report", "register_renderer"]
 
@@ -147,6 +147,14 @@ def n_of(count: int, word: str) -> str:
 def fmt_dtypes(d: Mapping[str, int]) -> str:
     return ", ".join(f"{k}×{v}" for k, v in d.items()) or "-"
 
+
+
+def index_entry(s: Scan, **extra: Any) -> dict[str, Any] | None:
+    """The ``index`` of a report: name, entries and ``total_size``, plus the command's own keys."""
+    if s.index is None:
+        return None
+    return {"name": s.index.name, "entries": len(s.index.weight_map),
+            "total_size": s.index.metadata.get("total_size"), **extra}
 
 
 def file_entry(f: FileInfo, sha256: str | None = None) -> dict[str, Any]:

@@ -42,7 +42,8 @@ run: $(BUILT_STAMP)
 # The test extras (pytest, hypothesis, transformers, peft, ruff, ...) from pyproject.toml.
 $(TEST_STAMP): $(BUILT_STAMP) pyproject.toml
 	@echo "make: installing the test dependencies"
-	@$(PY) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
+	@$(PY) -c "import sys; toml = __import__('tomllib') if sys.version_info >= (3, 11) else \
+	  __import__('pip._vendor.tomli', fromlist=['loads']); d = toml.load(open('pyproject.toml', 'rb')); \
 	  print('\n'.join(d['project']['optional-dependencies']['test']))" > $(VENV)/test-requirements.txt
 	@$(call quiet,$(PIP) install -r $(VENV)/test-requirements.txt)
 	@touch $@

@@ -141,6 +141,7 @@ class Progress:
                 with self._lock:
                     if self._bar is not None and time.monotonic() >= self._shown_after:
                         self._bar.refresh()
+                        self._bar.last_print_t = self._bar._time()  # so that close() erases it
 
         thread = threading.Thread(target=tick, name="shardwise-progress", daemon=True)
         thread.start()

@@ -10,10 +10,11 @@ Ctrl-C during start-up is handled too, and torch only by the commands that build
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +42,21 @@ def _cmd_verify(a: argparse.Namespace) -> Report:
     )
 
 
+@contextlib.contextmanager
+def _starting(a: argparse.Namespace) -> Iterator[None]:
+    """A ticking ``starting (import torch)`` line while the commands that build tensors import torch
+    (seconds, before any bar of their own could be drawn)."""
+    from ._progress import Progress
+
+    with Progress(0, "starting (import torch)", enabled=not a.quiet) as bar, bar.ticking():
+        yield
+
+
 def _cmd_convert(a: argparse.Namespace) -> Report:
     if a.to == "tune" and not a.model_type:
         raise _Usage("convert --to tune needs --model-type (e.g. --model-type LLAMA3)")
-    from .tunedir import convert_checkpoint
+    with _starting(a):
+        from .tunedir import convert_checkpoint
 
     return convert_checkpoint(
         a.src, a.dst, a.model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
@@ -55,8 +67,10 @@ def _cmd_convert(a: argparse.Namespace) -> Report:
 def _cmd_roundtrip(a: argparse.Namespace) -> Report:
     if a.path is not None and not a.model_type:
         raise _Usage("roundtrip DIR needs --model-type (e.g. --model-type LLAMA3)")
-    from .report import roundtrip
+    with _starting(a):
+        import torch  # noqa: F401  (roundtrip needs it; imported under the start-up line)
 
+        from .report import roundtrip
     return roundtrip(a.path, a.model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
 
 

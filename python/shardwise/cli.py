@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -183,7 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:  # a typo in a subcommand's option: that subcommand's usage, not the top-level one
             subs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         command = f" {args.command}"
-        return _run(args)
+        code = _run(args)
+        if argv is None:  # the program itself: the work is done, a late Ctrl-C must not break the exit
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except KeyboardInterrupt:  # the work's own handlers have removed what it had started
         print(f"shardwise{command}: interrupted", file=sys.stderr)
         if argv is None:  # the program itself: exit 130 even where an interrupted import (torch runs

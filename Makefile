@@ -76,7 +76,7 @@ bench-full: $(TEST_STAMP)
 	SHARDWISE_BENCH_GB=3 $(PY) -m pytest benches -q -s --benchmark-columns=min,median,max --benchmark-sort=name
 
 # The distributed save/load benchmark alone (2 ranks, ~1 GB; SHARDWISE_BENCH_GB, SHARDWISE_BENCH_ROUNDS)
-bench-dcp: build
+bench-dcp: $(TEST_STAMP)
 	$(PY) -m pytest benches/test_bench_dcp.py -q -s
 
 clean:

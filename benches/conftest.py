@@ -28,10 +28,10 @@ def bench_bytes(config) -> int:
     return int(float(os.environ.get("SHARDWISE_BENCH_GB", "1")) * 2**30)
 
 
-def make_checkpoint(folder: Path, total_bytes: int, shards: int = 4) -> list[str]:
+def make_checkpoint(folder: Path, total_bytes: int, shards: int = 4, tiny: bool = False) -> list[str]:
     """A Llama-style bf16 checkpoint (GQA, head_dim 128) of about ``total_bytes`` in ``shards`` files,
-    named and indexed as ``save_pretrained`` does."""
-    hidden, heads, kv, hd, inter, vocab = 2048, 16, 4, 128, 5632, 32000
+    named and indexed as ``save_pretrained`` does (``tiny``: small dims, for smoke runs)."""
+    hidden, heads, kv, hd, inter, vocab = (256, 4, 2, 64, 704, 4000) if tiny else (2048, 16, 4, 128, 5632, 32000)
     per_layer = 2 * (hidden * heads * hd * 2 + hidden * kv * hd * 2 + 3 * hidden * inter + 2 * hidden)
     layers = max(1, (total_bytes - 2 * vocab * hidden * 2) // per_layer)
     g = torch.Generator().manual_seed(0)

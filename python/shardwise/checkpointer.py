@@ -38,12 +38,12 @@ from .layout import (
     count_params,
     index_bytes,
     index_name,
-    made,
     plan_shards,
     read_index,
     torch_ready,
     write_safetensors_shards,
     write_tensors,
+    write_torch_shards,
 )
 from .paths import (
     STAGING_MARK,
@@ -55,11 +55,11 @@ from .paths import (
     resolve_checkpoint_files,
 )
 from .recipe_state import (
-    atomic_torch_save,
     commit,
     load_recipe_state,
     recipe_keys,
     recipe_state_folder,
+    save_torch_file,
     stage_torch_save,
 )
 from .shards import SourceFile, load_merged, read_sources, with_file
@@ -482,13 +482,11 @@ class FullModelHFCheckpointer:
 
     def _write_model(self, model: Mapping[str, torch.Tensor], folder: Path, cap: int | None) -> None:
         plan, ops = self._plan(model, cap)
+        total_size = None
         if self._safe_serialization:
             write_safetensors_shards(plan, folder)
         else:
-            for shard in plan.shards:
-                tensors = {op.key: torch_ready(made(op)) for op in shard.ops}
-                atomic_torch_save(tensors, folder / shard.name, fsync=False)
-                del tensors
+            total_size = write_torch_shards(plan, folder)
         for shard in plan.shards:
             logger.info("Model checkpoint of size %s saved to %s", _gib(shard.nbytes), folder / shard.name)
         if plan.write_index:
@@ -496,7 +494,7 @@ class FullModelHFCheckpointer:
             if self._orig_index is not None:
                 original = (self._orig_index[1], self._orig_index[2])
             name = index_name(self._safe_serialization)
-            (folder / name).write_bytes(index_bytes(plan, original, count_params(ops)))
+            (folder / name).write_bytes(index_bytes(plan, original, count_params(ops), total_size))
 
     def _write_adapter_files(
         self, state_dict: Mapping[str, Any], adapter: Mapping[str, torch.Tensor] | None, folder: Path
@@ -510,7 +508,7 @@ class FullModelHFCheckpointer:
             reason = f"PEFT has no equivalent for ModelType.{self._model_type.name} adapters"
         if adapter is not None:
             pt = folder / f"{ADAPTER_MODEL_FNAME}.pt"
-            atomic_torch_save({k: torch_ready(v) for k, v in adapter.items()}, pt, fsync=False)
+            save_torch_file({k: torch_ready(v) for k, v in adapter.items()}, pt)
             logger.info("Adapter checkpoint of size %s saved to %s", _gib(pt.stat().st_size), pt)
             if reason is None:
                 try:
@@ -553,7 +551,7 @@ class FullModelHFCheckpointer:
             write_tensors(out, weights, export.metadata())
         else:
             out = folder / f"{ADAPTER_MODEL_FNAME}.bin"
-            atomic_torch_save(weights, out, fsync=False)
+            save_torch_file(weights, out)
         logger.info("Adapter checkpoint of size %s saved to %s", _gib(out.stat().st_size), out)
 
     def _prune(self, prefix: str, keep: str | None = None) -> None:

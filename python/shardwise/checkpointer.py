@@ -7,7 +7,6 @@ native writer (``layout``, ``_core``), adapters (``peft``) and recipe state (``r
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from . import _core, peft
+from ._logging import get_logger
 from .config import ModelConfig
 from .constants import (
     ADAPTER_CONFIG,
@@ -66,7 +66,7 @@ from .shards import SourceFile, load_merged, read_sources, with_file
 
 __all__ = ["FormattedCheckpointFiles", "FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 
 class UnknownModelTypeError(ConfigError, KeyError):
@@ -180,6 +180,7 @@ class FullModelHFCheckpointer:
         self._key_source: dict[str, SourceFile] = {}
         self._aside: dict[str, torch.Tensor] = {}
         self._orig_index: tuple[Path, bytes, dict[str, Any]] | None = None
+        self._notes: list[tuple[str, tuple[object, ...], Path]] = []
 
         self._output_dir.mkdir(parents=True, exist_ok=True)
         if self._should_load_recipe_state:
@@ -418,6 +419,7 @@ class FullModelHFCheckpointer:
         recipe_path = self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
         recipe_tmp: Path | None = None
         staging.mkdir()
+        self._notes = []
         try:
             if model is not None:
                 self._write_model(model, staging, cap)
@@ -437,6 +439,9 @@ class FullModelHFCheckpointer:
             if recipe_tmp is not None:
                 recipe_tmp.unlink(missing_ok=True)
             raise
+        for fmt, args, rel in self._notes:  # logged once published, with the paths a user will find
+            logger.info(fmt, *args, final / rel.relative_to(staging))
+        self._notes = []
         logger.info("Checkpoint saved to %s", final)
         # publish_dir deletes a replaced folder best-effort; whatever it left (at the staging name, or
         # renamed aside where the exchange is unsupported) is ours to remove, and worth a warning
@@ -465,6 +470,12 @@ class FullModelHFCheckpointer:
         if self._keep_last_n is not None:
             self._prune(dir_prefix, keep=final.name)
 
+    def _note(self, fmt: str, *args: object) -> None:
+        """Keep a line about a file written into the staging folder (its path is the last argument);
+        ``save_checkpoint`` logs it under the final folder name once the folder is published."""
+        *head, path = args
+        self._notes.append((fmt, tuple(head), Path(str(path))))
+
     def _ensure_sources(self) -> None:
         if self._weight_map is None:
             # save before load: the layout comes from the input files (tensors stay mapped, unread)
@@ -488,7 +499,7 @@ class FullModelHFCheckpointer:
         else:
             total_size = write_torch_shards(plan, folder)
         for shard in plan.shards:
-            logger.info("Model checkpoint of size %s saved to %s", _gib(shard.nbytes), folder / shard.name)
+            self._note("Model checkpoint of size %s saved to %s", _gib(shard.nbytes), folder / shard.name)
         if plan.write_index:
             original = None
             if self._orig_index is not None:
@@ -509,7 +520,7 @@ class FullModelHFCheckpointer:
         if adapter is not None:
             pt = folder / f"{ADAPTER_MODEL_FNAME}.pt"
             save_torch_file({k: torch_ready(v) for k, v in adapter.items()}, pt)
-            logger.info("Adapter checkpoint of size %s saved to %s", _gib(pt.stat().st_size), pt)
+            self._note("Adapter checkpoint of size %s saved to %s", _gib(pt.stat().st_size), pt)
             if reason is None:
                 try:
                     export = peft.tune_to_peft_adapter(adapter, self._model_type, self._config)
@@ -542,7 +553,7 @@ class FullModelHFCheckpointer:
             return
         out = folder / f"{ADAPTER_CONFIG_FNAME}.json"
         out.write_text(json.dumps(cfg, indent=2) + "\n")
-        logger.info("Adapter config saved to %s", out)
+        self._note("Adapter config saved to %s", out)
 
     def _write_peft_weights(self, export: peft.PeftAdapter, folder: Path) -> None:
         weights = {k: torch_ready(v) for k, v in export.weights.items()}
@@ -552,7 +563,7 @@ class FullModelHFCheckpointer:
         else:
             out = folder / f"{ADAPTER_MODEL_FNAME}.bin"
             save_torch_file(weights, out)
-        logger.info("Adapter checkpoint of size %s saved to %s", _gib(out.stat().st_size), out)
+        self._note("Adapter checkpoint of size %s saved to %s", _gib(out.stat().st_size), out)
 
     def _prune(self, prefix: str, keep: str | None = None) -> None:
         """Delete all but the newest ``keep_last_n_checkpoints`` complete ``{prefix}_N`` folders (never

@@ -9,7 +9,6 @@ write ("fresh canonical layout"), keeping the original ``__metadata__``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from . import _core
+from ._logging import get_logger
 from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .convert.base import Op
 from .errors import CheckpointError, ConversionError
@@ -40,7 +40,7 @@ __all__ = [
     "write_tensors",
 ]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 DEFAULT_METADATA = {"format": "pt"}
 _HF_SHARD = re.compile(r"^(?P<stem>.+)-(?P<idx>\d+)-of-(?P<n>\d+)$")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -11,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import _core
+from ._logging import get_logger
 from .constants import SUFFIXES_TO_NOT_COPY
 from .errors import CheckpointError, CheckpointIOError
 
@@ -25,7 +25,7 @@ __all__ = [
     "safe_join",
 ]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 STAGING_MARK = ".shardwise-"
 

@@ -89,7 +89,8 @@ def test_bin_round_trip_is_byte_exact(
     for name in names:
         back.update(torch.load(out / name, weights_only=True))
     if tied:  # still one storage: transformers ties them again on load either way, and the size is the same
-        assert back["lm_head.weight"].untyped_storage().data_ptr() == back["model.embed_tokens.weight"].untyped_storage().data_ptr()
+        lm, embed = back["lm_head.weight"], back["model.embed_tokens.weight"]
+        assert lm.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
         assert torch.equal(back["lm_head.weight"], back["model.embed_tokens.weight"])
     index = root / "hf" / "pytorch_model.bin.index.json"
     if index.is_file() and not trained:

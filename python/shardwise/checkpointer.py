@@ -273,8 +273,8 @@ class FullModelHFCheckpointer:
         latest checkpoint folder (also when given as absolute paths into ``checkpoint_dir``, which
         torchtune would silently resolve to the base weights)."""
         resuming_full = self._should_load_recipe_state and self._adapter_checkpoint is None
-        if not resuming_full:
-            return resolve_checkpoint_files(checkpoint_files, self._checkpoint_dir)
+        if not resuming_full:  # torchtune's output names find a shardwise folder (e.g. a generation config)
+            return resolve_checkpoint_files(checkpoint_files, self._checkpoint_dir, torchtune_names=True)
         latest = self._resume_folder
         try:
             paths = resolve_checkpoint_files(checkpoint_files, self._output_dir, torchtune_names=True)

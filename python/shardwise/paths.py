@@ -111,7 +111,8 @@ def resolve_checkpoint_files(
 
     A user's names may be absolute (as torchtune allows); names read from a checkpoint (an index, a
     manifest) are resolved with ``inside=True`` and must stay inside ``folder``. With
-    ``torchtune_names`` (resuming from a shardwise save), torchtune's output names are accepted too."""
+    ``torchtune_names`` (a checkpointer load of a folder shardwise saved), torchtune's output names
+    are accepted too."""
     if isinstance(checkpoint_files, FormattedCheckpointFiles):
         names: Iterable[str] = checkpoint_files.build_checkpoint_filenames()
     elif isinstance(checkpoint_files, Mapping):
@@ -164,7 +165,11 @@ def _get_or_alias(folder: Path, name: str) -> Path:
         alias = torchtune_alias(Path(folder), name)
         if alias is None:
             raise
-        logger.info("%s: torchtune's name for %s", name, alias)
+        logger.info(
+            "checkpoint_files names %s, which is not in %s: loading %s, the file torchtune would have named so "
+            "(shardwise keeps the input file names)",
+            name, Path(folder), alias,
+        )
         return alias
 
 

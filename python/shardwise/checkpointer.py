@@ -52,7 +52,9 @@ from .paths import (
     copy_files,
     get_largest_iter_folder,
     is_staging_name,
+    make_dir,
     resolve_checkpoint_files,
+    user_path,
 )
 from .recipe_state import (
     commit,
@@ -62,7 +64,7 @@ from .recipe_state import (
     save_torch_file,
     stage_torch_save,
 )
-from .shards import SourceFile, load_merged, read_sources, with_file
+from .shards import SourceFile, check_sources_intact, load_merged, read_sources, with_file
 
 __all__ = ["FormattedCheckpointFiles", "FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
@@ -182,7 +184,7 @@ class FullModelHFCheckpointer:
         self._orig_index: tuple[Path, bytes, dict[str, Any]] | None = None
         self._notes: list[tuple[str, tuple[object, ...], Path]] = []
 
-        self._output_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self._output_dir)
         if self._should_load_recipe_state:
             logger.info(
                 "Loading the recipe state using: \n\tcheckpoint_paths: %s\n\trecipe_checkpoint: %s"
@@ -228,7 +230,7 @@ class FullModelHFCheckpointer:
         if not self._should_load_recipe_state:
             return None
         if adapter_checkpoint:
-            p = self._output_dir / adapter_checkpoint
+            p = user_path(self._output_dir, adapter_checkpoint, "adapter_checkpoint")
             if not p.is_file():
                 raise ValueError(
                     f"adapter_checkpoint {adapter_checkpoint!r} not found: {p} does not exist "
@@ -248,7 +250,7 @@ class FullModelHFCheckpointer:
         if not self._should_load_recipe_state:
             return None
         p = (
-            self._output_dir / recipe_checkpoint
+            user_path(self._output_dir, recipe_checkpoint, "recipe_checkpoint")
             if recipe_checkpoint
             else self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
         )
@@ -413,12 +415,12 @@ class FullModelHFCheckpointer:
             _check_tensors(adapter, "adapter")
 
         final = self._output_dir / f"{dir_prefix}_{number}"
-        self._output_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self._output_dir)
         _remove_stale_leftovers(self._output_dir)
         staging = self._output_dir / f".{final.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         recipe_path = self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
         recipe_tmp: Path | None = None
-        staging.mkdir()
+        make_dir(staging, "staging folder")
         self._notes = []
         try:
             if model is not None:
@@ -494,10 +496,15 @@ class FullModelHFCheckpointer:
     def _write_model(self, model: Mapping[str, torch.Tensor], folder: Path, cap: int | None) -> None:
         plan, ops = self._plan(model, cap)
         total_size = None
-        if self._safe_serialization:
-            write_safetensors_shards(plan, folder)
-        else:
-            total_size = write_torch_shards(plan, folder)
+        check_sources_intact(self._sources)  # before any mapped page is read
+        try:
+            if self._safe_serialization:
+                write_safetensors_shards(plan, folder)
+            else:
+                total_size = write_torch_shards(plan, folder)
+        except CheckpointIOError:
+            check_sources_intact(self._sources)  # a read of a truncated mapping fails as the write (EFAULT)
+            raise
         for shard in plan.shards:
             self._note("Model checkpoint of size %s saved to %s", _gib(shard.nbytes), folder / shard.name)
         if plan.write_index:
@@ -601,11 +608,18 @@ class FullModelHFCheckpointer:
 
 
 def _check_tensors(d: Any, what: str) -> None:
+    """Every value a tensor with data (not a meta tensor, not sparse), before anything is written."""
     if not isinstance(d, Mapping):
         raise ConversionError(f"state_dict[{what!r}] must be a dict of tensors, got {type(d).__name__}")
     for k, v in d.items():
         if not isinstance(v, torch.Tensor):
             raise ConversionError(f"state_dict[{what!r}][{k!r}] is a {type(v).__name__}, not a torch.Tensor")
+        if v.is_meta or v.layout != torch.strided:
+            kind = "a meta tensor" if v.is_meta else f"a {v.layout} tensor"
+            raise ConversionError(
+                f"state_dict[{what!r}][{k!r}] is {kind}: it has no data to save (materialize the weights "
+                "first, e.g. load them or call model.to_empty() and initialize)"
+            )
 
 
 _LEFTOVER = re.compile(re.escape(STAGING_MARK) + r"(?:old-|tmp-)?(\d+)(?:-|$)")

@@ -214,6 +214,8 @@ def fresh_header(
 def made(op: Op) -> torch.Tensor:
     """Run ``op`` and check that it produced the dtype and shape it announced (the header's)."""
     t = op.make()
+    if t.is_meta:
+        raise ConversionError(f'"{op.key}": a meta tensor has no data to save')
     if t.dtype != op.dtype or tuple(t.shape) != op.shape:
         raise ConversionError(
             f'"{op.key}": conversion produced {t.dtype} {tuple(t.shape)}, expected {op.dtype} {op.shape}'

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import zipfile
@@ -21,6 +22,7 @@ __all__ = [
     "SourceFile",
     "StorageSlot",
     "byte_view",
+    "check_sources_intact",
     "is_safetensors",
     "load_merged",
     "load_source_tensors",
@@ -75,6 +77,8 @@ class SourceFile:
     archive: str | None = None
     storage: dict[str, StorageSlot] = field(default_factory=dict)
     storages: list[torch.UntypedStorage] = field(default_factory=list)
+    #: (device, inode, size) of the file when it was mapped: the loaded tensors are views of it
+    mapped: tuple[int, int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -205,8 +209,35 @@ def read_sources(paths: Sequence[Path], threads: int = 0) -> list[SourceFile]:
     return out
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size
+
+
+def check_sources_intact(sources: Sequence[SourceFile]) -> None:
+    """``CheckpointIOError`` naming a mapped source file that shrank since it was loaded (someone
+    truncated it in place): the tensors are views of it, and reading them would fail or crash. A file
+    replaced by a new one (rename, delete + create) is fine: the mapping keeps the old one."""
+    for src in sources:
+        if src.mapped is None:
+            continue
+        now = _identity(src.path)
+        if now is not None and now[:2] == src.mapped[:2] and now[2] < src.mapped[2]:
+            raise CheckpointIOError(
+                errno.EIO,
+                f"was truncated from {src.mapped[2]} to {now[2]} bytes after it was loaded; the tensors "
+                "load_checkpoint returned are views of this file, so it must not be truncated or rewritten "
+                "while they are in use",
+                str(src.path),
+            )
+
+
 def load_source_tensors(src: SourceFile) -> dict[str, torch.Tensor]:
     """All tensors of one source file; safetensors are zero-copy views (no data read until touched)."""
+    src.mapped = _identity(src.path)
     if src.header is not None:
         return _safetensors_views(src)
     sd = _torch_load(src.path)

@@ -108,7 +108,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "compare-flipped-json": (["compare", "hf", "flipped", "--json"], 1),
     "roundtrip-edited-index-json": (["roundtrip", "edited", "--model-type", "LLAMA3", "--json"], 1),
     "inspect-missing-path": (["inspect", "nowhere"], 2),
-    "roundtrip-wrong-model-type-json": (["roundtrip", "hf", "--model-type", "LLAMA4", "--json"], 2),
+    "roundtrip-wrong-model-type-json": (["roundtrip", "hf", "--model-type", "LLAMA4", "--json", "--force"], 2),
     "inspect-malformed": (["inspect", "malformed.safetensors"], 2),
     "usage-no-command": ([], 2),
 }
@@ -227,10 +227,10 @@ def test_more_failure_modes(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     code, _, err = _main(["convert", str(ws / "noconfig"), str(tmp_path / "z"), "--to", "tune", "--model-type",
                           "LLAMA3"], capsys)
     _one_line_error(code, err, "config.json")
-    code, _, err = _main(["roundtrip", hf], capsys)
-    _one_line_error(code, err, "needs --model-type")
+    code, _, err = _main(["roundtrip", hf], capsys)  # a llama config: LLAMA2, LLAMA3 or LLAMA3_2
+    _one_line_error(code, err, "fits several model types (LLAMA2, LLAMA3, LLAMA3_2)")
     code, _, err = _main(["convert", hf, str(tmp_path / "x"), "--to", "tune"], capsys)
-    _one_line_error(code, err, "needs --model-type")
+    _one_line_error(code, err, "pass --model-type")
     code, _, err = _main(["convert", hf, str(tmp_path / "x"), "--to", "tune", "--model-type", "LLAMA3",
                           "--max-shard-size", "lots"], capsys)
     _one_line_error(code, err, "max_shard_size")
@@ -256,7 +256,7 @@ def test_model_type_without_converter(ws: Path, monkeypatch: pytest.MonkeyPatch,
     from shardwise.constants import ModelType
 
     monkeypatch.delitem(_REGISTRY, ModelType.GEMMA)
-    code, _, err = _main(["roundtrip", str(ws / "hf"), "--model-type", "GEMMA"], capsys)
+    code, _, err = _main(["roundtrip", str(ws / "hf"), "--model-type", "GEMMA", "--force"], capsys)
     _one_line_error(code, err, "not supported")
 
 
@@ -267,10 +267,10 @@ def test_lowercase_model_type_and_quiet(ws: Path, tmp_path: Path, capsys) -> Non
 
 def test_convert_back_and_forth(ws: Path, tmp_path: Path, capsys) -> None:
     code, _, _ = _main(["convert", str(ws / "hf"), str(tmp_path / "tune"), "--to", "tune", "--model-type",
-                        "MISTRAL", "--max-shard-size", "10kB"], capsys)
+                        "LLAMA2", "--max-shard-size", "10kB"], capsys)
     assert code == 0
     code, out, _ = _main(["convert", str(tmp_path / "tune"), str(tmp_path / "back"), "--to", "hf", "--json"], capsys)
-    assert code == 0 and json.loads(out)["model_type"] == "MISTRAL"
+    assert code == 0 and json.loads(out)["model_type"] == "LLAMA2"  # recorded in shardwise-origin.json
     code, out, _ = _main(["compare", str(ws / "hf"), str(tmp_path / "back")], capsys)
     assert code == 0 and out.rstrip().endswith("OK")
     code, out, _ = _main(["verify", str(tmp_path / "back"), "--against", str(ws / "pins.json")], capsys)

@@ -45,6 +45,7 @@ from .layout import (
     write_tensors,
     write_torch_shards,
 )
+from .model_types import model_type_mismatch
 from .paths import (
     STAGING_MARK,
     FormattedCheckpointFiles,
@@ -159,6 +160,9 @@ class FullModelHFCheckpointer:
             raise ValueError(f"{self._checkpoint_dir} is not a valid directory.")
 
         self._config = ModelConfig.from_file(self._checkpoint_dir / "config.json")
+        mismatch = model_type_mismatch(self._model_type, self._config, str(self._checkpoint_dir / "config.json"))
+        if mismatch is not None:
+            logger.warning("%s; check model_type", mismatch)
         self._converter = get_converter(self._model_type)
         self._converter.validate_config(self._config)
 

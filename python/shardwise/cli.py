@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
+from ._logging import LOGGER_NAME
 from .errors import CheckpointError
 from .report import SCHEMA_VERSION, Report, compare, inspect_checkpoint, roundtrip, verify
 
@@ -32,21 +35,46 @@ def _cmd_verify(a: argparse.Namespace) -> Report:
     )
 
 
-def _cmd_convert(a: argparse.Namespace) -> Report:
-    from .tunedir import convert_checkpoint
+def _model_type_for(folder: str, given: str | None, force: bool, what: str) -> str | None:
+    """``--model-type`` checked against ``folder/config.json`` (a contradiction is a usage error unless
+    ``--force``), or inferred from it when omitted (an ambiguous config names the choices)."""
+    from .checkpointer import _model_type
+    from .config import ModelConfig
+    from .model_types import infer_model_type, model_type_mismatch
 
-    if a.to == "tune" and not a.model_type:
-        raise _Usage("convert --to tune needs --model-type (e.g. --model-type LLAMA3)")
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        if given is None:
+            raise _Usage(f"{what} needs --model-type (e.g. --model-type LLAMA3): {path} does not exist to infer it")
+        return given
+    cfg = ModelConfig.from_file(path)
+    if given is None:
+        return infer_model_type(cfg, str(path)).name
+    mismatch = model_type_mismatch(_model_type(given), cfg, str(path))
+    if mismatch is not None and not force:
+        raise _Usage(f"{mismatch}; pass --force to go ahead anyway")
+    return given
+
+
+def _cmd_convert(a: argparse.Namespace) -> Report:
+    from .tunedir import ORIGIN_NAME, convert_checkpoint
+
+    model_type = a.model_type
+    if a.to == "tune" or (model_type is None and not (Path(a.src) / ORIGIN_NAME).exists()):
+        model_type = _model_type_for(a.src, model_type, a.force, f"convert --to {a.to}")
+    elif model_type is not None:
+        model_type = _model_type_for(a.src, model_type, a.force, "convert")
     return convert_checkpoint(
-        a.src, a.dst, a.model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
+        a.src, a.dst, model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
         progress=not a.quiet,
     )
 
 
 def _cmd_roundtrip(a: argparse.Namespace) -> Report:
-    if a.path is not None and not a.model_type:
-        raise _Usage("roundtrip DIR needs --model-type (e.g. --model-type LLAMA3)")
-    return roundtrip(a.path, a.model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
+    model_type = a.model_type
+    if a.path is not None:
+        model_type = _model_type_for(a.path, model_type, a.force, "roundtrip DIR")
+    return roundtrip(a.path, model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
 
 
 def _cmd_compare(a: argparse.Namespace) -> Report:
@@ -86,14 +114,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("src", metavar="SRC", help="input checkpoint folder")
     s.add_argument("dst", metavar="DST", help="output folder (published atomically; must be new or empty)")
     s.add_argument("--to", required=True, choices=["tune", "hf"], help="direction")
-    s.add_argument("--model-type", metavar="X", help="ModelType name, e.g. LLAMA3 (--to hf: default from SRC)")
+    s.add_argument("--model-type", metavar="X",
+                   help="ModelType name, e.g. LLAMA3 (default: from SRC's shardwise-origin.json or config.json)")
+    s.add_argument("--force", action="store_true", help="go ahead when --model-type contradicts config.json")
     s.add_argument("--max-shard-size", metavar="SIZE", help="re-shard: 5GB, 500MiB or bytes")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     s.set_defaults(run=_cmd_convert)
 
     s = sub.add_parser("roundtrip", parents=[common], help="HF → torchtune → HF and compare (exit 1 on differences)")
     s.add_argument("path", metavar="DIR", nargs="?", help="checkpoint folder (default: a generated sample)")
-    s.add_argument("--model-type", metavar="X", help="ModelType name, e.g. LLAMA3 (needed with DIR)")
+    s.add_argument("--model-type", metavar="X", help="ModelType name, e.g. LLAMA3 (default: from DIR/config.json)")
+    s.add_argument("--force", action="store_true", help="go ahead when --model-type contradicts config.json")
     s.add_argument("--workdir", metavar="DIR", help="where to put the temporary folder (default: system temp)")
     s.add_argument("--keep", metavar="DIR", help="keep the intermediate folders (DIR/tune, DIR/hf)")
     s.set_defaults(run=_cmd_roundtrip)
@@ -121,6 +152,9 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    # the report says what happened; the library's log lines (saved to ..., warnings the report repeats)
+    # would only clutter stderr, which holds at most the one error line
+    logging.getLogger(LOGGER_NAME).setLevel(logging.DEBUG if os.environ.get("SHARDWISE_DEBUG") else logging.ERROR)
     run: Callable[[argparse.Namespace], Report] = args.run
     try:
         report = run(args)

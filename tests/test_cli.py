@@ -25,7 +25,7 @@ from shardwise.report import PROBLEM_KINDS
 INDEX = "model.safetensors.index.json"
 
 # ------------------------------------------------------------------------------------------ JSON schema
-TOP = {"schema", "command", "path", "ok", "files", "problems", "stats"}
+TOP = {"schema", "command", "path", "ok", "files", "problems", "warnings", "stats"}
 DETAILS = {
     "inspect": {"index", "tensors"},
     "verify": {"index", "manifest", "wrote_manifest"},
@@ -60,7 +60,7 @@ def assert_schema(doc: dict, command: str) -> None:
     assert set(doc["stats"]) == STATS[command], command
     for f in doc["files"]:
         assert set(f) == FILE_ENTRY[command], (command, f)
-    for p in doc["problems"]:
+    for p in doc["problems"] + doc["warnings"]:
         assert set(p) == PROBLEM and p["kind"] in PROBLEM_KINDS
     assert doc["ok"] == (not doc["problems"])
 
@@ -106,7 +106,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "inspect-json": (["inspect", "hf", "--tensors", "--json"], 0),
     "verify-json": (["verify", "hf", "--checksums", "--write-manifest", "pins.json", "--json"], 0),
     "compare-flipped-json": (["compare", "hf", "flipped", "--json"], 1),
-    "roundtrip-edited-index-json": (["roundtrip", "edited", "--model-type", "LLAMA3", "--json"], 1),
+    "roundtrip-edited-index-json": (["roundtrip", "edited", "--model-type", "LLAMA3", "--json"], 0),
     "inspect-missing-path": (["inspect", "nowhere"], 2),
     "roundtrip-wrong-model-type-json": (["roundtrip", "hf", "--model-type", "LLAMA4", "--json", "--force"], 2),
     "inspect-malformed": (["inspect", "malformed.safetensors"], 2),
@@ -185,8 +185,10 @@ def test_json_contents(results, ws: Path) -> None:
     flipped = json.loads(results["compare-flipped-json"].stdout)
     (p,) = flipped["problems"]
     assert p["kind"] == "data" and p["tensor"] and p["byte_range"][1] - p["byte_range"][0] == 1
-    edited = json.loads(results["roundtrip-edited-index-json"].stdout)
-    assert [p["kind"] for p in edited["problems"]] == ["index"] and "total_size" in edited["problems"][0]["message"]
+    edited = json.loads(results["roundtrip-edited-index-json"].stdout)  # the input's flaw, not a regression
+    assert edited["problems"] == [] and not edited["byte_identical"]
+    assert [w["kind"] for w in edited["warnings"]] == ["input-inconsistent"]
+    assert "total_size" in edited["warnings"][0]["message"]
 
 
 # ------------------------------------------------------------------------------------- in-process (main)

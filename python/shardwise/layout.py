@@ -348,18 +348,21 @@ def index_bytes(
     plan: SavePlan, original: tuple[bytes, dict[str, Any]] | None, n_params: int, total_size: int | None = None
 ) -> bytes:
     """The index file: the original bytes when its content is unchanged; otherwise HF's format
-    (``indent=2, sort_keys=True`` and a newline) with the original metadata kept and sizes updated
-    (``total_size``: the tensor bytes written, by default the plan's)."""
+    (``indent=2, sort_keys=True`` and a newline) with everything else the original had kept (unknown
+    top-level keys, unknown metadata fields) and the derived fields updated (``total_size``: the tensor
+    bytes written, by default the plan's; ``total_parameters`` when it had one)."""
     weight_map = plan.weight_map
+    content: dict[str, Any] = {}
     meta: dict[str, Any] = {}
     if original is not None:
+        content.update({k: v for k, v in original[1].items() if k not in ("metadata", "weight_map")})
         orig_meta = original[1].get("metadata")
         if isinstance(orig_meta, dict):
             meta.update(orig_meta)
     meta["total_size"] = plan.total_size if total_size is None else total_size
     if "total_parameters" in meta:
         meta["total_parameters"] = n_params
-    content = {"metadata": meta, "weight_map": weight_map}
+    content.update(metadata=meta, weight_map=weight_map)
     if original is not None and original[1] == content:
         return original[0]
     return (json.dumps(content, indent=2, sort_keys=True) + "\n").encode()

@@ -28,10 +28,10 @@ INDEX = "model.safetensors.index.json"
 TOP = {"schema", "command", "path", "ok", "files", "problems", "warnings", "stats"}
 DETAILS = {
     "inspect": {"index", "tensors"},
-    "verify": {"index", "manifest", "wrote_manifest"},
+    "verify": {"index", "side_files", "manifest", "wrote_manifest"},
     "convert": {"output", "model_type", "direction"},
     "roundtrip": {"model_type", "sample", "byte_identical", "kept", "index"},
-    "compare": {"other", "index"},
+    "compare": {"other", "index", "layout", "layout_note", "side_files"},
 }
 STATS = {
     "inspect": {"shards", "tensors", "bytes", "file_bytes", "seconds"},
@@ -169,8 +169,8 @@ def test_json_schema(results, case: str, command: str) -> None:
 
 def test_json_error_document(results) -> None:
     doc = json.loads(results["roundtrip-wrong-model-type-json"].stdout)
-    assert set(doc) == ERROR and doc["ok"] is False and set(doc["error"]) == {"type", "message"}
-    assert doc["error"]["type"] == "ConversionError"
+    assert set(doc) == ERROR and doc["ok"] is False and set(doc["error"]) == {"type", "message", "path"}
+    assert doc["error"]["type"] == "ConversionError" and doc["error"]["path"].startswith("hf/model-")
 
 
 def test_json_contents(results, ws: Path) -> None:
@@ -241,7 +241,7 @@ def test_more_failure_modes(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     code, _, err = _main(["convert", hf, str(tmp_path / "full"), "--to", "tune", "--model-type", "LLAMA3"], capsys)
     _one_line_error(code, err, "--overwrite")
     code, _, err = _main(["convert", hf, str(tmp_path / "y"), "--to", "hf"], capsys)
-    _one_line_error(code, err, "model type")
+    _one_line_error(code, err, "already a Hugging Face checkpoint")
     (tmp_path / "bad.json").write_text("{")
     code, _, err = _main(["verify", hf, "--against", str(tmp_path / "bad.json")], capsys)
     _one_line_error(code, err, "manifest")

@@ -27,7 +27,9 @@ PROBLEM_KINDS = (
     # pinned checksums (verify --against)
     "size", "checksum",
     # comparisons (roundtrip, compare)
-    "extra-file", "renamed-file", "extra-tensor", "dtype", "shape", "data", "metadata", "header",
+    "extra-file", "renamed-file", "extra-tensor", "dtype", "shape", "data", "metadata", "header", "layout",
+    # side files (verify --against, compare)
+    "side-file",
     # warnings (roundtrip, convert): the input's own flaws, corrected in the output
     "input-inconsistent",
 )
@@ -82,6 +84,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found."""
         return not self.problems
 
     @property
@@ -105,6 +108,7 @@ class Report:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict()`` as JSON text (what ``--json`` prints)."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def summary(self, max_problems: int = 40) -> str:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import mmap
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ._progress import Progress, human_bytes
-from ._scan import Scan, read_files, scan, structure_problems
+from ._scan import Scan, read_files, scan, side_files, structure_problems
 from .errors import CheckpointError, CheckpointIOError
 from .report_base import CHUNK, Problem, Report, file_entry, n_of, problems_from, register_renderer, totals
 
@@ -22,17 +23,26 @@ __all__ = ["MANIFEST_SCHEMA", "compute_checksums", "read_manifest", "verify"]
 MANIFEST_SCHEMA = "shardwise.manifest/1"
 
 
-def _sha256_file(path: Path, progress: Progress | None) -> str:
-    """sha256 of a file read through a private mapping in 16 MiB chunks (hashlib drops the GIL)."""
+class _Cancelled(Exception):
+    """Raised in a hashing thread once the caller has stopped waiting (Ctrl-C)."""
+
+
+def _sha256_file(path: Path, progress: Progress | None, stop: threading.Event | None = None) -> str:
+    """sha256 of a file read through a private mapping in 16 MiB chunks (hashlib drops the GIL);
+    gives up between chunks once ``stop`` is set."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return h.hexdigest()
+        if progress is not None:
+            progress.set_label(f"sha256 {path.name}")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
                 for start in range(0, size, CHUNK):
+                    if stop is not None and stop.is_set():
+                        raise _Cancelled
                     h.update(view[start : start + CHUNK])
                     if progress is not None:
                         progress.update(min(CHUNK, size - start))
@@ -44,12 +54,19 @@ def _sha256_file(path: Path, progress: Progress | None) -> str:
 def compute_checksums(
     root: Path, names: Sequence[str], *, progress: bool = False, threads: int = 0
 ) -> dict[str, str]:
-    """sha256 of every named file, computed in parallel (a thread pool over mapped files)."""
+    """sha256 of every named file, computed in parallel (a thread pool over mapped files). An
+    interruption (Ctrl-C) stops the threads at their next chunk instead of letting them finish."""
     paths = [root / n for n in names]
     total = sum(p.stat().st_size for p in paths)
     workers = threads or min(len(paths), os.cpu_count() or 4, 8) or 1
+    stop = threading.Event()
     with Progress(total, "sha256", enabled=progress) as bar, ThreadPoolExecutor(workers) as pool:
-        digests = list(pool.map(lambda p: _sha256_file(p, bar), paths))
+        try:
+            digests = list(pool.map(lambda p: _sha256_file(p, bar, stop), paths))
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return dict(zip(names, digests))
 
 
@@ -91,7 +108,8 @@ def verify(
     and its file has exactly the size the header implies, and ``total_size`` is right.
 
     ``checksums`` adds per-file sha256 (computed in parallel); ``write_manifest`` writes them to a JSON
-    manifest; ``against`` compares with such a manifest (missing/extra files, sizes, hashes). Problems
+    manifest, pinning the side files too (``config.json``, ``generation_config.json``, tokenizer
+    files); ``against`` compares with such a manifest (missing/extra files, sizes, hashes). Problems
     make ``ok`` False; a path that does not exist or an unreadable manifest raises.
     """
     t0 = time.perf_counter()
@@ -104,10 +122,12 @@ def verify(
     hashed = [f.name for f in infos if f.error != "missing"]
     if s.index is not None:
         hashed.append(s.index.name)
+    sides = [] if s.single_file else side_files(s.root)
+    hashed.extend(sides)
     if want_sums:
         sums = compute_checksums(s.root, hashed, progress=progress)
     if pinned is not None:
-        problems.extend(_check_pinned(s, hashed, sums, pinned, str(against)))
+        problems.extend(_check_pinned(s, hashed, sums, pinned, str(against), set(sides)))
     if write_manifest is not None:
         entries = {n: {"size": (s.root / n).stat().st_size, "sha256": sums[n]} for n in hashed}
         _write_json_atomic(Path(write_manifest), {"schema": MANIFEST_SCHEMA, "algorithm": "sha256", "files": entries})
@@ -122,8 +142,10 @@ def verify(
             "total_size": s.index.metadata.get("total_size"),
             "sha256": sums.get(s.index.name),
         }
+    side = [{"name": n, "size": (s.root / n).stat().st_size, "sha256": sums.get(n)} for n in sides]
     details = {
         "index": index,
+        "side_files": side,
         "manifest": None if against is None else str(against),
         "wrote_manifest": None if write_manifest is None else str(write_manifest),
     }
@@ -131,7 +153,8 @@ def verify(
 
 
 def _check_pinned(
-    s: Scan, hashed: Sequence[str], sums: Mapping[str, str], pinned: Mapping[str, Mapping[str, Any]], where: str
+    s: Scan, hashed: Sequence[str], sums: Mapping[str, str], pinned: Mapping[str, Mapping[str, Any]], where: str,
+    sides: set[str],
 ) -> list[Problem]:
     out = []
     for name, entry in pinned.items():
@@ -142,9 +165,10 @@ def _check_pinned(
         if size != entry["size"]:
             out.append(Problem("size", f"{name}: {size} bytes, {where} pins {entry['size']}", name))
         elif sums[name] != entry["sha256"]:
-            out.append(Problem("checksum", f"{name}: sha256 {sums[name][:16]}… differs from {where}", name))
+            what = "side file " if name in sides else ""
+            out.append(Problem("checksum", f"{what}{name}: sha256 {sums[name][:16]}… differs from {where}", name))
     for name in hashed:
-        if name not in pinned:
+        if name not in pinned and name not in sides:  # side files a manifest does not pin are not checked
             out.append(Problem("extra-file", f"{name}: not pinned in {where}", name))
     return out
 
@@ -160,6 +184,8 @@ def _render_verify(r: Report) -> list[str]:
             lines.append(f"  {f['sha256'] or '-':<64}  {f['name']}")
         if idx is not None and idx.get("sha256"):
             lines.append(f"  {idx['sha256']:<64}  {idx['name']}")
+        for f in r.details.get("side_files") or []:
+            lines.append(f"  {f['sha256'] or '-':<64}  {f['name']}")
     if r.details.get("manifest"):
         lines.append(f"  checked against {r.details['manifest']}")
     if r.details.get("wrote_manifest"):

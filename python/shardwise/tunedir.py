@@ -29,7 +29,7 @@ import torch
 
 from . import __version__, _core
 from ._progress import Progress, human_bytes
-from ._scan import not_a_folder, scan_folder
+from ._scan import not_a_folder, read_files, scan_folder
 from .checkpointer import _fsync_tree, _model_type, parse_size
 from .config import ModelConfig
 from .constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
@@ -41,11 +41,10 @@ from .layout import (
     SavePlan,
     count_params,
     index_bytes,
-    op_nbytes,
     plan_shards,
     write_safetensors_shards,
 )
-from .paths import check_outdir_not_in_ckptdir, copy_files, resolve_checkpoint_files, safe_join
+from .paths import copy_files, resolve_checkpoint_files, safe_join
 from .report_base import Problem, Report, n_of, register_renderer, stray_warnings
 from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
 
@@ -94,7 +93,7 @@ def convert_checkpoint(
             result = _to_tune(src_p, staging, mt, cap, progress)
         else:
             result = _to_hf(src_p, staging, mt, cap, progress)
-        _fsync_tree(staging)
+        _sync(staging, progress)
         _core.publish_dir(str(staging), str(dst_p))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -119,9 +118,12 @@ def convert_checkpoint(
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    check_outdir_not_in_ckptdir(src, dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"SRC and DST are the same folder ({src}): convert writes a new folder, give another DST")
+    if src.resolve() in dst.resolve().parents:
+        raise ValueError(f"DST {dst} is inside SRC {src}: give a DST outside it")
     if dst.resolve() in src.resolve().parents:
-        raise ValueError(f"the output folder {dst} contains the input folder {src}")
+        raise ValueError(f"DST {dst} contains SRC {src}: give a DST that does not")
     if dst.exists():
         if not dst.is_dir():
             raise CheckpointError(f"{dst}: exists and is not a folder")
@@ -140,28 +142,33 @@ class _Result:
     warnings: list[Problem] = field(default_factory=list)
 
 
-def _with_progress(ops: Sequence[Op], bar: Progress) -> list[Op]:
-    """The same ops, counting each tensor's bytes when it is produced (just before it is written)."""
+def _labelled(shard: OutputShard, bar: Progress, label: str) -> list[Op]:
+    """The shard's ops, the first of which names the shard on the bar when the writer gets to it."""
 
-    def wrap(op: Op) -> Op:
-        n = op_nbytes(op)
-
+    def first(op: Op) -> Op:
         def make() -> torch.Tensor:
-            t = op.make()
-            bar.update(n)
-            return t
+            bar.set_label(f"{label} {shard.name}")
+            return op.make()
 
         return Op(op.key, op.dtype, op.shape, make)
 
-    return [wrap(op) for op in ops]
+    return [first(op) for op in shard.ops[:1]] + list(shard.ops[1:])
 
 
 def _write_plan(plan: SavePlan, folder: Path, label: str, progress: bool) -> None:
-    total = plan.total_size
-    with Progress(total, label, enabled=progress) as bar:
+    """Write the plan's shards; the bar follows the bytes as the native writer writes them."""
+    with Progress(plan.total_size, label, enabled=progress) as bar:
         for shard in plan.shards:
-            shard.ops = _with_progress(shard.ops, bar)
-        write_safetensors_shards(plan, folder)
+            shard.ops = _labelled(shard, bar, label)
+        with bar.watch_writes():
+            write_safetensors_shards(plan, folder)
+
+
+def _sync(folder: Path, progress: bool) -> None:
+    """fsync everything written (on a disk this can take seconds: it gets a bar of its own)."""
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    with Progress(total, "fsync", enabled=progress) as bar:
+        _fsync_tree(folder, lambda p: (bar.set_label(f"fsync {p.name}"), bar.update(p.stat().st_size)))
 
 
 def _meta(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -389,6 +396,22 @@ def _origin_sources(origin: Mapping[str, Any], where: str) -> tuple[list[SourceF
     return sources, key_source
 
 
+#: key prefixes only Hugging Face checkpoints have (torchtune keys start with tok_embeddings, layers, ...)
+_HF_PREFIXES = ("model.", "lm_head.", "transformer.", "language_model.", "vision_model.", "text_model.")
+
+
+def _refuse_hf_folder(src: Path) -> None:
+    """``--to hf`` of a folder that is already Hugging Face (no origin, HF key names): say so."""
+    s = scan_folder(src)
+    infos = read_files(s.root, [n for n in s.shards if n in s.present])
+    hf_key = next((t.name for f in infos for t in f.tensors if t.name.startswith(_HF_PREFIXES)), None)
+    if hf_key is not None:
+        raise CheckpointError(
+            f"{src}: already a Hugging Face checkpoint (keys like {hf_key!r}, no {ORIGIN_NAME}); "
+            "to convert it to torchtune keys use --to tune"
+        )
+
+
 def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress: bool) -> _Result:
     origin_path = src / ORIGIN_NAME
     origin = _read_origin(origin_path) if origin_path.exists() else None
@@ -398,6 +421,8 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
             mt = recorded
         elif get_converter(mt).__class__ is not get_converter(recorded).__class__:
             raise ConfigError(f"{origin_path}: converted as {recorded.name}, but the model type given is {mt.name}")
+    if origin is None:
+        _refuse_hf_folder(src)
     if mt is None:
         raise ValueError(f"{src} has no {ORIGIN_NAME}: give the model type (e.g. LLAMA3)")
     conv = get_converter(mt)

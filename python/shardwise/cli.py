@@ -63,13 +63,11 @@ def _model_type_for(folder: str, given: str | None, force: bool, what: str) -> s
 
 
 def _cmd_convert(a: argparse.Namespace) -> Report:
-    from .tunedir import ORIGIN_NAME, convert_checkpoint
+    from .tunedir import convert_checkpoint
 
     model_type = a.model_type
-    if a.to == "tune" or (model_type is None and not (Path(a.src) / ORIGIN_NAME).exists()):
+    if a.to == "tune" or model_type is not None:  # --to hf without one: the origin records it
         model_type = _model_type_for(a.src, model_type, a.force, f"convert --to {a.to}")
-    elif model_type is not None:
-        model_type = _model_type_for(a.src, model_type, a.force, "convert")
     return convert_checkpoint(
         a.src, a.dst, model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
         progress=not a.quiet,
@@ -142,7 +140,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     s.add_argument("--to", required=True, choices=["tune", "hf"],
                    help="tune: HF → torchtune keys; hf: a folder written by --to tune → HF")
     s.add_argument("--model-type", metavar="X",
-                   help="ModelType name, e.g. LLAMA3 (default: from SRC's shardwise-origin.json or config.json)")
+                   help="ModelType name, e.g. LLAMA3 (default: --to tune from config.json, --to hf from the origin)")
     s.add_argument("--force", action="store_true", help="go ahead when --model-type contradicts config.json")
     s.add_argument("--max-shard-size", metavar="SIZE", help="re-shard: 5GB, 500MiB or bytes")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")

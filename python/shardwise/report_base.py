@@ -161,6 +161,14 @@ def fmt_dtypes(d: Mapping[str, int]) -> str:
 
 
 
+def index_entry(s: Scan, **extra: Any) -> dict[str, Any] | None:
+    """The ``index`` of a report: name, entries and ``total_size``, plus the command's own keys."""
+    if s.index is None:
+        return None
+    return {"name": s.index.name, "entries": len(s.index.weight_map),
+            "total_size": s.index.metadata.get("total_size"), **extra}
+
+
 def file_entry(f: FileInfo, sha256: str | None = None) -> dict[str, Any]:
     d = f.to_dict()
     d["sha256"] = sha256

@@ -14,7 +14,7 @@ RUST_SRC    := Cargo.toml Cargo.lock $(shell find rust -name '*.rs')
 # run a noisy command quietly: its output goes to $(LOG), and is shown only when it fails
 quiet = { $(1); } >>$(LOG) 2>&1 || { tail -n 40 $(LOG); echo "make: failed; the whole log is $(LOG)"; exit 1; }
 
-.PHONY: venv build run test test-py test-rust bench bench-full clean
+.PHONY: venv build run test test-py test-rust bench bench-full bench-dcp clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -73,6 +73,10 @@ bench: $(TEST_STAMP)
 
 bench-full: $(TEST_STAMP)
 	SHARDWISE_BENCH_GB=3 $(PY) -m pytest benches -q -s --benchmark-columns=min,median,max --benchmark-sort=name
+
+# The distributed save/load benchmark alone (2 ranks, ~1 GB; SHARDWISE_BENCH_GB, SHARDWISE_BENCH_ROUNDS)
+bench-dcp: build
+	$(PY) -m pytest benches/test_bench_dcp.py -q -s
 
 clean:
 	rm -rf target $(VENV) .pytest_cache .hypothesis .benchmarks

@@ -67,6 +67,9 @@ from .recipe_state import (
 )
 from .shards import SourceFile, check_sources_intact, load_merged, read_sources, with_file
 
+#: ``recipe_state.pt`` of a collective save lists its DCP-saved keys under this name (dcp.collective)
+SHARDED_KEYS = "_shardwise_dcp_keys"
+
 __all__ = ["FormattedCheckpointFiles", "FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
 logger = get_logger()
@@ -186,7 +189,7 @@ class FullModelHFCheckpointer:
         self._key_source: dict[str, SourceFile] = {}
         self._aside: dict[str, torch.Tensor] = {}
         self._orig_index: tuple[Path, bytes, dict[str, Any]] | None = None
-        self._notes: list[tuple[str, tuple[object, ...], Path]] = []
+        self._notes: list[tuple[str, tuple[object, ...], str]] = []
 
         make_dir(self._output_dir)
         if self._should_load_recipe_state:
@@ -351,7 +354,12 @@ class FullModelHFCheckpointer:
         if self._adapter_checkpoint is not None:
             state[ADAPTER_KEY] = self._load_adapter(self._adapter_checkpoint)
         if self._should_load_recipe_state and self._recipe_checkpoint is not None:
-            state.update(load_recipe_state(self._recipe_checkpoint))
+            recipe = load_recipe_state(self._recipe_checkpoint)
+            if SHARDED_KEYS in recipe:  # a collective save wrote the optimizer state with DCP
+                from .dcp.collective import load_sharded_recipe_state
+
+                recipe = load_sharded_recipe_state(self._output_dir, recipe)
+            state.update(recipe)
         return state
 
     def _load_adapter(self, path: Path) -> dict[str, torch.Tensor]:
@@ -419,6 +427,16 @@ class FullModelHFCheckpointer:
             _check_tensors(adapter, "adapter")
 
         final = self._output_dir / f"{dir_prefix}_{number}"
+        if _sharded(model, adapter):
+            from .dcp.collective import save_collective
+
+            self._notes = []
+            save_collective(self, state_dict, model, adapter, final, intermediate_checkpoint, cap)
+            self._log_notes(final)
+            logger.info("Checkpoint saved to %s (collectively: every rank wrote its own rows)", final)
+            if self._keep_last_n is not None and _is_rank_zero():
+                self._prune(dir_prefix, keep=final.name)
+            return
         make_dir(self._output_dir)
         _remove_stale_leftovers(self._output_dir)
         staging = self._output_dir / f".{final.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -445,9 +463,7 @@ class FullModelHFCheckpointer:
             if recipe_tmp is not None:
                 recipe_tmp.unlink(missing_ok=True)
             raise
-        for fmt, args, rel in self._notes:  # logged once published, with the paths a user will find
-            logger.info(fmt, *args, final / rel.relative_to(staging))
-        self._notes = []
+        self._log_notes(final)
         logger.info("Checkpoint saved to %s", final)
         # publish_dir deletes a replaced folder best-effort; whatever it left (at the staging name, or
         # renamed aside where the exchange is unsupported) is ours to remove, and worth a warning
@@ -480,7 +496,13 @@ class FullModelHFCheckpointer:
         """Keep a line about a file written into the staging folder (its path is the last argument);
         ``save_checkpoint`` logs it under the final folder name once the folder is published."""
         *head, path = args
-        self._notes.append((fmt, tuple(head), Path(str(path))))
+        self._notes.append((fmt, tuple(head), Path(str(path)).name))
+
+    def _log_notes(self, final: Path) -> None:
+        """Log the kept lines with the paths a user will find (``final/<file>``)."""
+        for fmt, args, name in self._notes:
+            logger.info(fmt, *args, final / name)
+        self._notes = []
 
     def _ensure_sources(self) -> None:
         if self._weight_map is None:
@@ -609,6 +631,24 @@ class FullModelHFCheckpointer:
             logger.info("Removed old checkpoint %s (keep_last_n_checkpoints=%d)", name, self._keep_last_n)
         if surplus and self._fsync:
             _core.fsync_dir(str(self._output_dir))
+
+
+def _sharded(*dicts: Mapping[str, Any] | None) -> bool:
+    """True when a state dict holds DTensors (FSDP2 / tensor parallel): such a save is collective.
+    Checked without importing torch.distributed.tensor unless torch.distributed is in use."""
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(d is not None and any(isinstance(v, DTensor) for v in d.values()) for d in dicts)
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _check_tensors(d: Any, what: str) -> None:

@@ -137,3 +137,23 @@ def test_fresh_bin_files_are_named_like_torch_save_names_them(tmp_path: Path) ->
                       (out / "recipe_state" / "recipe_state.pt", "recipe_state")]:
         assert {n.split("/")[0] for n in zipfile.ZipFile(f).namelist()} == {prefix}, f
     assert not [p for p in out.rglob("*") if "shardwise-tmp" in p.name]
+
+
+def test_tied_bin_index_counts_the_shared_storage_once_and_is_consistent(tmp_path: Path) -> None:
+    """transformers 4.x counts a tied storage once in total_size; verify accepts it, and roundtrip (which
+    writes safetensors, where both copies are stored) calls the index the same content, not a problem."""
+    from shardwise import roundtrip, verify
+
+    spec = LlamaSpec(lm_head=True, dtype=torch.float32)
+    sd = llama_state_dict(spec)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].detach()
+    cfg = {**spec.config(), "tie_word_embeddings": True}
+    _write(tmp_path / "hf", sd, "hf4", 12_000)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    index = json.loads((tmp_path / "hf" / "pytorch_model.bin.index.json").read_text())
+    tensor_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+    assert index["metadata"]["total_size"] < tensor_bytes  # the tied storage counted once
+    assert verify(tmp_path / "hf").ok
+    report = roundtrip(tmp_path / "hf", "LLAMA3_2")
+    assert report.ok and not report.warnings, report.summary()
+    assert report.details["index"]["status"] == "equal-content"

@@ -195,7 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:  # a typo in a subcommand's option: that subcommand's usage, not the top-level one
             subs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         command = f" {args.command}"
-        return _run(args)
+        code = _run(args)
+        if argv is None:  # the program itself, its work done: a Ctrl-C from now on would land in interpreter
+            import signal  # shutdown, where CPython restores the default handler and dies by SIGINT (-2)
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except KeyboardInterrupt:  # the work's own handlers have removed what it had started
         print(f"shardwise{command}: interrupted", file=sys.stderr)
         if argv is None:  # the program itself: exit 130 even where an interrupted import (torch runs

@@ -45,7 +45,7 @@ from .layout import (
     write_safetensors_shards,
 )
 from .paths import copy_files, resolve_checkpoint_files, safe_join
-from .report_base import Report, n_of, register_renderer
+from .report_base import Problem, Report, n_of, register_renderer, stray_warnings
 from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
 
 __all__ = ["ASIDE_NAME", "ORIGIN_NAME", "ORIGIN_SCHEMA", "convert_checkpoint"]
@@ -114,7 +114,7 @@ def convert_checkpoint(
         "model_type": result.model_type.name,
         "direction": "hf-to-tune" if to == "tune" else "tune-to-hf",
     }
-    return Report("convert", str(src_p), [], files, stats, details)
+    return Report("convert", str(src_p), [], files, stats, details, result.warnings)
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
@@ -139,6 +139,7 @@ class _Result:
     inputs: int = 0  # read
     nbytes: int = 0
     aside: int = 0
+    warnings: list[Problem] = field(default_factory=list)
 
 
 def _labelled(shard: OutputShard, bar: Progress, label: str) -> list[Op]:
@@ -241,7 +242,7 @@ def _to_tune(src: Path, out: Path, mt: ModelType, cap: int | None, progress: boo
     s = scan_folder(src)
     if s.index is not None and s.index.error is not None:
         raise CheckpointError(f"{src / s.index.name}: {s.index.error}")
-    paths = resolve_checkpoint_files(s.shards, src, inside=True)
+    paths = resolve_checkpoint_files(s.loadable, src, inside=True)
     sources = read_sources(paths)
     hf, key_source = load_merged(sources)
     where = {k: str(source.path) for k, source in key_source.items()}
@@ -282,7 +283,8 @@ def _to_tune(src: Path, out: Path, mt: ModelType, cap: int | None, progress: boo
     _write_plan(plan, out, "HF → tune", progress)
     cache["unit"], cache["tune"] = None, None
 
-    result = _Result(mt, tensors=len(ops), inputs=len(where), nbytes=plan.total_size, aside=len(aside_keys))
+    result = _Result(mt, tensors=len(ops), inputs=len(where), nbytes=plan.total_size, aside=len(aside_keys),
+                     warnings=stray_warnings(s))
     result.files = [(sh.name, "shard", len(sh.ops)) for sh in plan.shards]
     if len(plan.shards) > 1:
         (out / SAFETENSOR_INDEX_FNAME).write_bytes(index_bytes(plan, None, count_params(ops)))
@@ -426,10 +428,13 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
     conv = get_converter(mt)
     cfg = ModelConfig.from_file(src / "config.json")
     conv.validate_config(cfg)
+    strays: list[Problem] = []
     if origin is not None:
         names = [str(n) for n in origin["tune"]["shards"]]
     else:
-        names = [n for n in scan_folder(src).shards]
+        found = scan_folder(src)
+        names = found.loadable
+        strays = stray_warnings(found)
     paths = resolve_checkpoint_files(names, src, inside=True)
     per_source, key_source = load_merged(read_sources(paths))
     tune = {k: t for tensors in per_source for k, t in tensors.items()}
@@ -473,7 +478,8 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
         plan = plan_shards(ops, [], {}, safe=True, had_index=False,
                            max_shard_size=cap or parse_size(DEFAULT_SHARD_SIZE))
     _write_plan(plan, out, "tune → HF", progress)
-    result = _Result(mt, tensors=len(ops), inputs=len(tune), nbytes=plan.total_size, aside=len(aside))
+    result = _Result(mt, tensors=len(ops), inputs=len(tune), nbytes=plan.total_size, aside=len(aside),
+                     warnings=strays)
     result.files = [(sh.name, "shard", len(sh.ops)) for sh in plan.shards]
     if plan.write_index:
         (out / SAFETENSOR_INDEX_FNAME).write_bytes(index_bytes(plan, original_index, count_params(ops)))

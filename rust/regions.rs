@@ -375,12 +375,22 @@ mod tests {
             .header
     }
 
-    #[test]
-    fn scattered_rows_land_where_asked() {
-        let dir = tempfile::tempdir().unwrap();
-        let n = 64usize;
+    /// `write_regions` of one buffer into one file.
+    fn write_one(path: &Path, data: &[u8], segments: Vec<Segment>, threads: usize) -> Result<u64> {
+        write_regions(
+            &[RegionFile {
+                path: path.to_path_buf(),
+                regions: vec![Region { data, segments }],
+            }],
+            false,
+            threads,
+        )
+    }
+
+    /// A file of one `n`-byte tensor, created at full size: (path, header, size).
+    fn created(dir: &Path, name: &str, n: usize) -> (PathBuf, Vec<u8>, u64) {
         let header = header_for(n);
-        let path = dir.path().join("a.safetensors");
+        let path = dir.join(name);
         let size = (header.len() + n) as u64;
         create_files(
             &[NewFile {
@@ -391,6 +401,14 @@ mod tests {
             false,
         )
         .unwrap();
+        (path, header, size)
+    }
+
+    #[test]
+    fn scattered_rows_land_where_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 64usize;
+        let (path, header, _) = created(dir.path(), "a.safetensors", n);
         let data: Vec<u8> = (0..n as u8).collect();
         let base = header.len() as u64;
         // reverse the 16 rows of 4 bytes, from two "ranks" in two calls
@@ -431,34 +449,13 @@ mod tests {
     #[test]
     fn overlaps_and_out_of_bounds_are_refused_before_writing() {
         let dir = tempfile::tempdir().unwrap();
-        let header = header_for(16);
-        let path = dir.path().join("b.safetensors");
-        let size = (header.len() + 16) as u64;
-        create_files(
-            &[NewFile {
-                path: path.clone(),
-                header: &header,
-                size,
-            }],
-            false,
-        )
-        .unwrap();
+        let (path, header, size) = created(dir.path(), "b.safetensors", 16);
         let data = [7u8; 16];
         let base = header.len() as u64;
         let bad = |segments: Vec<Segment>| {
-            write_regions(
-                &[RegionFile {
-                    path: path.clone(),
-                    regions: vec![Region {
-                        data: &data,
-                        segments,
-                    }],
-                }],
-                false,
-                1,
-            )
-            .unwrap_err()
-            .to_string()
+            write_one(&path, &data, segments, 1)
+                .unwrap_err()
+                .to_string()
         };
         let overlap = bad(vec![
             Segment {
@@ -529,17 +526,7 @@ mod tests {
     fn long_runs_split_into_iov_max_calls() {
         let dir = tempfile::tempdir().unwrap();
         let rows = 3000usize;
-        let header = header_for(rows * 2);
-        let path = dir.path().join("d.safetensors");
-        create_files(
-            &[NewFile {
-                path: path.clone(),
-                header: &header,
-                size: (header.len() + rows * 2) as u64,
-            }],
-            false,
-        )
-        .unwrap();
+        let (path, header, _) = created(dir.path(), "d.safetensors", rows * 2);
         // every other byte pair from the source: src not contiguous, dst contiguous
         let data: Vec<u8> = (0..rows * 4).map(|i| (i % 251) as u8).collect();
         let base = header.len() as u64;
@@ -550,18 +537,7 @@ mod tests {
                 len: 2,
             })
             .collect();
-        write_regions(
-            &[RegionFile {
-                path: path.clone(),
-                regions: vec![Region {
-                    data: &data,
-                    segments,
-                }],
-            }],
-            false,
-            2,
-        )
-        .unwrap();
+        write_one(&path, &data, segments, 2).unwrap();
         let out = fs::read(&path).unwrap();
         for r in 0..rows {
             assert_eq!(

@@ -69,15 +69,20 @@ def load_sharded(rank: int, world: int, path: str, model_type: str | None, full:
 
     template = shard_dict({k: torch.zeros_like(v) for k, v in full.items()}, world, placements)
     sdcp.load(template, path, model_type=model_type)
-    for k, v in template.items():
+    check_loaded(rank, template, full)
+    return True
+
+
+def check_loaded(rank: int, state: dict[str, Any], expect: dict[str, torch.Tensor]) -> None:
+    """Every value equals ``expect`` as a whole, and every DTensor holds exactly its own shard of it."""
+    for k, v in state.items():
         got = v.full_tensor() if isinstance(v, DTensor) else v
-        if not torch.equal(got, full[k]):
+        if not torch.equal(got, expect[k]):
             raise AssertionError(f"rank {rank}: {k} differs after load")
         if isinstance(v, DTensor):
-            expect = distribute_tensor(full[k], v.device_mesh, v.placements).to_local()
-            if not torch.equal(v.to_local(), expect):
+            mine = distribute_tensor(expect[k], v.device_mesh, v.placements).to_local()
+            if not torch.equal(v.to_local(), mine):
                 raise AssertionError(f"rank {rank}: local shard of {k} differs")
-    return True
 
 
 def fail_one_rank(rank: int, world: int, full: dict[str, torch.Tensor], out: str, how: str, bad_rank: int) -> str:
@@ -211,14 +216,7 @@ def load_into_fsdp(rank: int, world: int, path: str, model_type: str | None, exp
     sd = model.state_dict()
     sdcp.load(sd, path, model_type=model_type)
     model.load_state_dict(sd)
-    for k, v in model.state_dict().items():
-        got = v.full_tensor() if isinstance(v, DTensor) else v
-        if not torch.equal(got, expect[k]):
-            raise AssertionError(f"rank {rank}: {k} differs")
-        if isinstance(v, DTensor):
-            mine = distribute_tensor(expect[k], v.device_mesh, v.placements).to_local()
-            if not torch.equal(v.to_local(), mine):
-                raise AssertionError(f"rank {rank}: local shard of {k} differs")
+    check_loaded(rank, model.state_dict(), expect)
     return True
 
 

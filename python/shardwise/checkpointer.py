@@ -437,10 +437,11 @@ class FullModelHFCheckpointer:
 
             self._notes = []
             save_collective(self, state_dict, model, adapter, final, intermediate_checkpoint, cap)
-            self._log_notes(final)
-            logger.info("Checkpoint saved to %s (collectively: every rank wrote its own rows)", final)
-            if self._keep_last_n is not None and _is_rank_zero():
-                self._prune(dir_prefix, keep=final.name)
+            if _is_rank_zero():  # one rank speaks for the collective save, as torchtune's recipes do
+                self._log_notes(final)
+                logger.info("Checkpoint saved to %s (collectively: every rank wrote its own rows)", final)
+                if self._keep_last_n is not None:
+                    self._prune(dir_prefix, keep=final.name)
             return
         make_dir(self._output_dir)
         _remove_stale_leftovers(self._output_dir)

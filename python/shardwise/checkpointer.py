@@ -14,7 +14,7 @@ import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,7 +62,11 @@ from .recipe_state import (
     recipe_state_folder,
     stage_torch_save,
 )
+from .remote import is_url
 from .shards import SourceFile, load_merged, read_sources, with_file
+
+if TYPE_CHECKING:
+    from .remote_dirs import RemoteDirs
 
 __all__ = ["FormattedCheckpointFiles", "FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
@@ -137,6 +141,8 @@ class FullModelHFCheckpointer:
         *,
         keep_last_n_checkpoints: int | None = None,
         fsync: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._should_load_recipe_state = bool(should_load_recipe_state)
         if resume_from_checkpoint:
@@ -145,6 +151,18 @@ class FullModelHFCheckpointer:
                 "*resume_from_checkpoint is deprecated. Please use the 'should_load_recipe_state' instead"
             )
         self._safe_serialization = bool(safe_serialization)
+        # object storage (s3://, gs://, ...): the checkpointer works on local stand-ins (remote_dirs.py)
+        self._remote: RemoteDirs | None = None
+        if is_url(checkpoint_dir) or is_url(output_dir):
+            from .remote_dirs import RemoteDirs
+
+            self._remote = RemoteDirs(
+                checkpoint_dir, checkpoint_files, output_dir, resume=self._should_load_recipe_state,
+                recipe_checkpoint=recipe_checkpoint, adapter_checkpoint=adapter_checkpoint,
+                storage_options=storage_options, cache_dir=cache_dir,
+            )
+            checkpoint_dir, output_dir = self._remote.local_input, self._remote.local_output
+        self._remote_out = self._remote is not None and self._remote.output is not None
         self._checkpoint_dir = Path(checkpoint_dir)
         self._model_type = _model_type(model_type)
         self._output_dir = Path(output_dir)
@@ -419,6 +437,8 @@ class FullModelHFCheckpointer:
         recipe_tmp: Path | None = None
         staging.mkdir()
         try:
+            if self._remote_out:
+                self._remote.begin(final.name)  # type: ignore[union-attr]
             if model is not None:
                 self._write_model(model, staging, cap)
             self._write_adapter_files(state_dict, adapter, staging)
@@ -429,15 +449,22 @@ class FullModelHFCheckpointer:
                     recipe_keys(state_dict, final.name), recipe_path, fsync=self._fsync,
                     tmp=self._output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
                 )
-            if self._fsync:
-                _fsync_tree(staging)
-            _core.publish_dir(str(staging), str(final))
+            if self._remote_out:
+                self._remote.publish(staging)  # type: ignore[union-attr]
+            else:
+                if self._fsync:
+                    _fsync_tree(staging)
+                _core.publish_dir(str(staging), str(final))
         except BaseException:
+            if self._remote_out:
+                self._remote.discard()  # type: ignore[union-attr]
             shutil.rmtree(staging, ignore_errors=True)
             if recipe_tmp is not None:
                 recipe_tmp.unlink(missing_ok=True)
             raise
-        logger.info("Checkpoint saved to %s", final)
+        if self._remote_out:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("Checkpoint saved to %s", self._remote.target_url if self._remote_out else final)  # type: ignore[union-attr]
         # publish_dir deletes a replaced folder best-effort; whatever it left (at the staging name, or
         # renamed aside where the exchange is unsupported) is ours to remove, and worth a warning
         for leftover in (staging, final.with_name(f"{final.name}{STAGING_MARK}old-{os.getpid()}")):
@@ -447,6 +474,12 @@ class FullModelHFCheckpointer:
                     logger.warning("Could not remove the replaced checkpoint left at %s", leftover)
 
         if recipe_tmp is not None:
+            if self._remote_out:
+                try:
+                    self._remote.upload_recipe(recipe_tmp)  # type: ignore[union-attr]
+                except BaseException:
+                    recipe_tmp.unlink(missing_ok=True)
+                    raise
             commit(recipe_tmp, recipe_path, fsync=self._fsync)
             logger.info("Recipe checkpoint of size %s saved to %s", _gib(recipe_path.stat().st_size), recipe_path)
         else:
@@ -462,7 +495,10 @@ class FullModelHFCheckpointer:
                     "The full model checkpoint, including all weights and configurations, has been saved "
                     "successfully. You can now use this checkpoint for further training or inference."
                 )
-        if self._keep_last_n is not None:
+        if self._keep_last_n is not None and self._remote_out:
+            paired = recipe_state_folder(recipe_path) if recipe_path.is_file() else None
+            self._remote.prune(dir_prefix, final.name, self._keep_last_n, paired)  # type: ignore[union-attr]
+        elif self._keep_last_n is not None:
             self._prune(dir_prefix, keep=final.name)
 
     def _ensure_sources(self) -> None:
@@ -482,15 +518,18 @@ class FullModelHFCheckpointer:
 
     def _write_model(self, model: Mapping[str, torch.Tensor], folder: Path, cap: int | None) -> None:
         plan, ops = self._plan(model, cap)
-        if self._safe_serialization:
+        if self._safe_serialization and self._remote_out:
+            self._remote.upload_shards(plan)  # type: ignore[union-attr]
+        elif self._safe_serialization:
             write_safetensors_shards(plan, folder)
         else:
             for shard in plan.shards:
                 tensors = {op.key: torch_ready(made(op)) for op in shard.ops}
                 atomic_torch_save(tensors, folder / shard.name, fsync=False)
                 del tensors
+        where = self._remote.target_url if self._remote_out else str(folder)  # type: ignore[union-attr]
         for shard in plan.shards:
-            logger.info("Model checkpoint of size %s saved to %s", _gib(shard.nbytes), folder / shard.name)
+            logger.info("Model checkpoint of size %s saved to %s/%s", _gib(shard.nbytes), where, shard.name)
         if plan.write_index:
             original = None
             if self._orig_index is not None:

@@ -119,7 +119,8 @@ def _handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(data)
             # status line and headers (plus what BaseHTTPRequestHandler adds: Server, Date) and body
-            req = Request(self.command, self.path, status, len(head) + 80 + (len(data) if self.command != "HEAD" else 0))
+            body_sent = len(data) if self.command != "HEAD" else 0
+            req = Request(self.command, self.path, status, len(head) + 80 + body_sent)
             with proxy.lock:
                 proxy.requests.append(req)
             if proxy.after is not None:

@@ -248,7 +248,8 @@ KILLED_CHILD = textwrap.dedent(
     import shardwise.remote as rm
     from shardwise import FullModelHFCheckpointer
 
-    src, names, out, opts, cache = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+    src, names, out, cache = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[5]
+    opts = json.loads(sys.argv[4])
     upload_part = rm._upload_part
 
     def hooked(*args, **kwargs):

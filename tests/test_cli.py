@@ -28,10 +28,10 @@ INDEX = "model.safetensors.index.json"
 TOP = {"schema", "command", "path", "ok", "files", "problems", "stats"}
 DETAILS = {
     "inspect": {"index", "tensors"},
-    "verify": {"index", "manifest", "wrote_manifest"},
+    "verify": {"index", "side_files", "manifest", "wrote_manifest"},
     "convert": {"output", "model_type", "direction"},
     "roundtrip": {"model_type", "sample", "byte_identical", "kept", "index"},
-    "compare": {"other", "index"},
+    "compare": {"other", "index", "layout", "layout_note", "side_files"},
 }
 STATS = {
     "inspect": {"shards", "tensors", "bytes", "file_bytes", "seconds"},
@@ -169,8 +169,8 @@ def test_json_schema(results, case: str, command: str) -> None:
 
 def test_json_error_document(results) -> None:
     doc = json.loads(results["roundtrip-wrong-model-type-json"].stdout)
-    assert set(doc) == ERROR and doc["ok"] is False and set(doc["error"]) == {"type", "message"}
-    assert doc["error"]["type"] == "ConversionError"
+    assert set(doc) == ERROR and doc["ok"] is False and set(doc["error"]) == {"type", "message", "path"}
+    assert doc["error"]["type"] == "ConversionError" and doc["error"]["path"].startswith("hf/model-")
 
 
 def test_json_contents(results, ws: Path) -> None:

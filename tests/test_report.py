@@ -151,7 +151,8 @@ def test_roundtrip_detects_a_renamed_tune_tensor(hf: Path) -> None:
     assert not report.ok
     text = report.summary()
     assert "model.layers.1.mlp.up_proj.weight" in text and "model.layers.9.mlp.up_proj.weight" in text
-    assert {"renamed-file", "missing-tensor", "extra-file", "index"} <= {p.kind for p in report.problems}
+    # the new key went to a new shard: the tensors are paired by name, the layout change is reported
+    assert {"missing-tensor", "extra-tensor", "index", "layout"} <= {p.kind for p in report.problems}
 
 
 def test_roundtrip_of_an_inconsistent_index_fails_on_the_index(copy: Path) -> None:
@@ -467,15 +468,31 @@ class _Tty(io.StringIO):
 def test_progress_only_on_a_tty() -> None:
     tty, pipe = _Tty(), io.StringIO()
     for stream in (tty, pipe):
-        with Progress(100, "work", delay=0, stream=stream) as bar:
-            bar._last = -1.0
-            bar.update(50)
-    assert "work [" in tty.getvalue() and "50%" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[K")
+        with Progress(10**9, "sha256 model-00001-of-00002.safetensors", delay=0, interval=0, stream=stream) as bar:
+            bar.update(5 * 10**8)
+    drawn = tty.getvalue().split("\r")
+    line = next(d for d in drawn if "50%" in d)
+    assert "sha256 model-00001-of-00002.safetensors" in line and "500M/1.00G" in line and "B/s" in line
+    assert "<" in line  # elapsed<ETA
+    assert drawn[-1] == "" and drawn[-2].strip() == ""  # erased: the next output starts on a clean line
     assert pipe.getvalue() == ""
     quiet = _Tty()
-    with Progress(100, "work", delay=0, stream=quiet, enabled=False) as bar:
+    with Progress(100, "work", delay=0, interval=0, stream=quiet, enabled=False) as bar:
         bar.update(100)
     assert quiet.getvalue() == ""
+
+
+def test_progress_follows_the_bytes_a_native_writer_writes(tmp_path: Path) -> None:
+    """``watch_writes`` counts what this process writes (a writer that reports nothing itself)."""
+    from shardwise._progress import written_bytes
+
+    if written_bytes() is None:
+        pytest.skip("no /proc/self/io")
+    with Progress(10**8, "write", delay=0, stream=_Tty()) as bar, bar.watch_writes(interval=0.01):
+        with open(tmp_path / "f", "wb", buffering=0) as f:
+            for _ in range(4):
+                f.write(b"x" * 10**6)
+    assert bar.done >= 4 * 10**6
 
 
 def test_roundtrip_also_checks_the_checkpointer_path(monkeypatch):

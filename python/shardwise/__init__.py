@@ -6,7 +6,9 @@ written back byte for byte; the bulk I/O runs in a Rust core (``shardwise._core`
 
 from __future__ import annotations
 
-from .checkpointer import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import ModelConfig
 from .constants import (
     ADAPTER_CONFIG,
@@ -25,9 +27,32 @@ from .constants import (
 )
 from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError, HeaderError
 from .paths import FormattedCheckpointFiles, get_largest_iter_folder
-from .report import Problem, Report, compare, roundtrip, verify
+
+if TYPE_CHECKING:
+    from .checkpointer import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+    from .report import Problem, Report, compare, roundtrip, verify
 
 __version__ = "0.1.0"
+
+#: loaded on first use: the checkpointer imports torch (``shardwise --version``, ``inspect``, ``verify``
+#: and ``compare`` of headers start without the seconds that takes), the reports numpy
+_LAZY = {
+    **dict.fromkeys(("FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"), "checkpointer"),
+    **dict.fromkeys(("Problem", "Report", "compare", "roundtrip", "verify"), "report"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardwise' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "ADAPTER_CONFIG",

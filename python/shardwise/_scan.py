@@ -1,10 +1,11 @@
 """Finding a checkpoint's weight files and index, and reading what their headers say (no tensor data).
 
-Used by the ``shardwise`` command and the report functions (``report.py``, ``tunedir.py``).
+Used by the ``shardwise`` command and the report functions (``report_*.py``, ``tunedir.py``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -15,11 +16,11 @@ from typing import Any
 from . import _core
 from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .errors import CheckpointError, CheckpointIOError
-from .layout import parse_index
 from .paths import safe_join
-from .shards import DTYPE_TO_ST, SourceFile, load_source_tensors
 
-__all__ = ["FileInfo", "Index", "Scan", "TensorInfo", "not_a_folder", "read_files", "scan", "structure_problems"]
+__all__ = [
+    "FileInfo", "Index", "Scan", "TensorInfo", "not_a_folder", "read_files", "scan", "side_files", "structure_problems",
+]
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 #: files next to the weights that are not model shards
@@ -32,6 +33,25 @@ def is_weight_file(name: str) -> bool:
     if name.startswith(".") or name in _NOT_SHARDS or name.startswith(_NOT_SHARD_PREFIXES):
         return False
     return name.endswith(".safetensors") or name.endswith(TORCH_SUFFIXES)
+
+
+#: the files next to the weights that integrity checks pin and ``compare`` compares: model config,
+#: generation config, tokenizer and processor files
+SIDE_FILE_NAMES = frozenset({
+    "config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.json",
+    "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+})
+
+
+def side_files(folder: Path) -> list[str]:
+    """The side files present in ``folder`` (``SIDE_FILE_NAMES`` and ``tokenizer*``), sorted."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    wanted = [n for n in names if n in SIDE_FILE_NAMES or (n.startswith("tokenizer") and not n.endswith(".tmp"))]
+    return sorted(n for n in wanted if (folder / n).is_file())
 
 
 def file_format(name: str) -> str:
@@ -56,6 +76,17 @@ class Index:
     def metadata(self) -> dict[str, Any]:
         md = (self.data or {}).get("metadata")
         return md if isinstance(md, dict) else {}
+
+
+def parse_index(raw: bytes, name: str = "index") -> tuple[dict[str, Any] | None, str | None]:
+    """``(data, None)`` for a well-formed HF index whose shard names stay in its folder (validated by
+    the native core), else ``(None, problem)``. ``data`` is the whole JSON object, so that metadata
+    and extra keys survive a rewrite."""
+    try:
+        _core.parse_index(raw, name)
+    except CheckpointError as e:
+        return None, str(e).removeprefix(f"{name}: ")
+    return json.loads(raw), None
 
 
 def _read_index(path: Path) -> Index:
@@ -234,6 +265,8 @@ def _size(p: Path) -> int | None:
 
 
 def _torch_info(name: str, p: Path, strict: bool) -> FileInfo:
+    from .shards import DTYPE_TO_ST, SourceFile, load_source_tensors  # torch: only for .bin/.pt files
+
     try:
         sd = load_source_tensors(SourceFile(p))
     except (CheckpointError, OSError) as e:

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -674,7 +674,7 @@ def _remove_stale_leftovers(folder: Path) -> None:
             continue
 
 
-def _fsync_tree(folder: Path) -> None:
+def _fsync_tree(folder: Path, synced: Callable[[Path], object] | None = None) -> None:
     for root, _dirs, files in os.walk(folder):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
@@ -684,6 +684,8 @@ def _fsync_tree(folder: Path) -> None:
                 raise CheckpointIOError(e.errno or 5, e.strerror or str(e), os.path.join(root, name)) from e
             finally:
                 os.close(fd)
+            if synced is not None:  # progress (shardwise convert)
+                synced(Path(root, name))
         _core.fsync_dir(root)
 
 

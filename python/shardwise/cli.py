@@ -1,8 +1,10 @@
 """The ``shardwise`` command: ``inspect``, ``verify``, ``convert``, ``roundtrip``, ``compare``.
 
 A thin layer over ``shardwise.report`` and ``shardwise.tunedir``. Exit codes: 0 ok, 1 a check failed,
-2 usage or input error (one line on stderr, no traceback; ``SHARDWISE_DEBUG=1`` shows it).
-``--json`` prints ``Report.to_dict()`` (schema in the README, "Command line").
+2 usage or input error (one line on stderr, no traceback; ``SHARDWISE_DEBUG=1`` shows it), 130
+interrupted (Ctrl-C: one line, nothing left behind). ``--json`` prints ``Report.to_dict()`` (schema
+in the README, "Command line"). Everything beyond argparse is imported inside :func:`main`, so that a
+Ctrl-C during start-up is handled too, and torch only by the commands that build tensors.
 """
 
 from __future__ import annotations
@@ -12,31 +14,38 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import CheckpointError
-from .report import SCHEMA_VERSION, Report, compare, inspect_checkpoint, roundtrip, verify
+
+if TYPE_CHECKING:
+    from .report import Report
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _cmd_inspect(a: argparse.Namespace) -> Report:
+    from .report import inspect_checkpoint
+
     return inspect_checkpoint(a.path, tensors=a.tensors)
 
 
 def _cmd_verify(a: argparse.Namespace) -> Report:
+    from .report import verify
+
     return verify(
         a.path, checksums=a.checksums, against=a.against, write_manifest=a.write_manifest, progress=not a.quiet
     )
 
 
 def _cmd_convert(a: argparse.Namespace) -> Report:
-    from .tunedir import convert_checkpoint
-
     if a.to == "tune" and not a.model_type:
         raise _Usage("convert --to tune needs --model-type (e.g. --model-type LLAMA3)")
+    from .tunedir import convert_checkpoint
+
     return convert_checkpoint(
         a.src, a.dst, a.model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
         progress=not a.quiet,
@@ -46,63 +55,86 @@ def _cmd_convert(a: argparse.Namespace) -> Report:
 def _cmd_roundtrip(a: argparse.Namespace) -> Report:
     if a.path is not None and not a.model_type:
         raise _Usage("roundtrip DIR needs --model-type (e.g. --model-type LLAMA3)")
+    from .report import roundtrip
+
     return roundtrip(a.path, a.model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
 
 
 def _cmd_compare(a: argparse.Namespace) -> Report:
-    return compare(a.expected, a.actual, progress=not a.quiet)
+    from .report import compare
+
+    return compare(a.expected, a.actual, strict_layout=a.strict_layout, progress=not a.quiet)
 
 
 class _Usage(Exception):
     """A usage error found after parsing (exit 2)."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print a machine-readable JSON report on stdout")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar (it is shown on a TTY only)")
+def _add_common(p: argparse.ArgumentParser, default: Any) -> None:
+    """``--json`` and ``-q``: accepted before the subcommand (``default`` False) and after it
+    (``default`` SUPPRESS, so that the subcommand does not reset what was given before it)."""
+    p.add_argument("--json", action="store_true", default=default,
+                   help="print a machine-readable JSON report on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no progress bar (it is drawn on stderr, and only when stderr is a terminal)")
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_common(common, argparse.SUPPRESS)
 
     p = argparse.ArgumentParser(
         prog="shardwise",
         description="Inspect, verify, convert and round-trip Hugging Face / torchtune checkpoints.",
-        epilog="Exit codes: 0 ok, 1 check failed, 2 usage or input error.",
+        epilog="Exit codes: 0 ok, 1 check failed, 2 usage or input error, 130 interrupted.",
+        allow_abbrev=False,
     )
     p.add_argument("--version", action="version", version=f"shardwise {__version__}")
+    _add_common(p, False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subs: dict[str, argparse.ArgumentParser] = {}
 
-    s = sub.add_parser("inspect", parents=[common], help="shards, tensors, dtypes, bytes, metadata (headers only)")
+    def add(name: str, help: str, run: Callable[[argparse.Namespace], Report], **kw: Any) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, parents=[common], help=help, description=help, allow_abbrev=False, **kw)
+        s.set_defaults(run=run)
+        subs[name] = s
+        return s
+
+    s = add("inspect", "shards, tensors, dtypes, bytes, metadata (headers only)", _cmd_inspect)
     s.add_argument("path", help="a checkpoint folder or one .safetensors/.bin/.pt file")
     s.add_argument("--tensors", action="store_true", help="list every tensor (name, dtype, shape, offsets, shard)")
-    s.set_defaults(run=_cmd_inspect)
 
-    s = sub.add_parser("verify", parents=[common], help="integrity of a checkpoint folder (exit 1 on problems)")
+    s = add("verify", "integrity of a checkpoint folder (exit 1 on problems)", _cmd_verify)
     s.add_argument("path", metavar="DIR", help="a checkpoint folder (or one file)")
     s.add_argument("--checksums", action="store_true", help="compute per-file sha256 in parallel")
-    s.add_argument("--write-manifest", metavar="FILE", help="write the sizes and sha256 of every file to FILE")
+    s.add_argument("--write-manifest", metavar="FILE",
+                   help="write the sizes and sha256 of every file (weights, index, config and tokenizer files) to FILE")
     s.add_argument("--against", metavar="MANIFEST", help="compare sizes and sha256 with a manifest")
-    s.set_defaults(run=_cmd_verify)
 
-    s = sub.add_parser("convert", parents=[common], help="HF checkpoint ⇄ torchtune-keyed safetensors folder")
+    s = add("convert", "HF checkpoint ⇄ torchtune-keyed safetensors folder", _cmd_convert)
     s.add_argument("src", metavar="SRC", help="input checkpoint folder")
     s.add_argument("dst", metavar="DST", help="output folder (published atomically; must be new or empty)")
-    s.add_argument("--to", required=True, choices=["tune", "hf"], help="direction")
+    s.add_argument("--to", required=True, choices=["tune", "hf"],
+                   help="tune: HF → torchtune keys; hf: a folder written by --to tune → HF")
     s.add_argument("--model-type", metavar="X", help="ModelType name, e.g. LLAMA3 (--to hf: default from SRC)")
     s.add_argument("--max-shard-size", metavar="SIZE", help="re-shard: 5GB, 500MiB or bytes")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-    s.set_defaults(run=_cmd_convert)
 
-    s = sub.add_parser("roundtrip", parents=[common], help="HF → torchtune → HF and compare (exit 1 on differences)")
+    s = add("roundtrip", "HF → torchtune → HF and compare (exit 1 on differences)", _cmd_roundtrip)
     s.add_argument("path", metavar="DIR", nargs="?", help="checkpoint folder (default: a generated sample)")
     s.add_argument("--model-type", metavar="X", help="ModelType name, e.g. LLAMA3 (needed with DIR)")
     s.add_argument("--workdir", metavar="DIR", help="where to put the temporary folder (default: system temp)")
-    s.add_argument("--keep", metavar="DIR", help="keep the intermediate folders (DIR/tune, DIR/hf)")
-    s.set_defaults(run=_cmd_roundtrip)
+    s.add_argument("--keep", metavar="DIR",
+                   help="keep every intermediate folder in DIR: sample/ (the generated sample, without a "
+                        "checkpoint DIR), tune/ (torchtune keys), hf/ (converted back), checkpointer/epoch_0/ "
+                        "(FullModelHFCheckpointer load → save); a DIR kept by an earlier run is replaced")
 
-    s = sub.add_parser("compare", parents=[common], help="compare two checkpoints byte for byte (exit 1: differ)")
+    s = add("compare", "compare two checkpoints: bytes, tensors by name, side files (exit 1: differ)", _cmd_compare)
     s.add_argument("expected", metavar="EXPECTED", help="reference checkpoint folder (or file)")
     s.add_argument("actual", metavar="ACTUAL", help="checkpoint folder (or file) to check")
-    s.set_defaults(run=_cmd_compare)
-    return p
+    s.add_argument("--strict-layout", action="store_true",
+                   help="fail (exit 1) when the same tensors are sharded differently")
+    return p, subs
 
 
 def _one_line(e: BaseException) -> str:
@@ -113,27 +145,52 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split()) or type(e).__name__
 
 
-_INPUT_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, OSError, NotImplementedError, KeyError, ValueError, _Usage,
-)
+def _error_path(e: BaseException, message: str, a: argparse.Namespace) -> str | None:
+    """The file or folder an error is about: the OSError's file name, else the path the message
+    starts with, else the command's first argument."""
+    filename = getattr(e, "filename", None)
+    if filename:
+        return str(filename)
+    head = message.split(": ", 1)[0]
+    if head != message and ("/" in head or Path(head).exists()):
+        return head
+    for arg in ("path", "src", "expected"):
+        if getattr(a, arg, None):
+            return str(getattr(a, arg))
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
+    command = ""
+    try:
+        parser, subs = _parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # a typo in a subcommand's option: that subcommand's usage, not the top-level one
+            subs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        command = f" {args.command}"
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"shardwise{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .errors import CheckpointError
+    from .report import SCHEMA_VERSION
+
+    input_errors = (CheckpointError, OSError, NotImplementedError, KeyError, ValueError, _Usage)
     run: Callable[[argparse.Namespace], Report] = args.run
     try:
         report = run(args)
-    except KeyboardInterrupt:
-        print(f"shardwise {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except _INPUT_ERRORS as e:
+    except input_errors as e:
         if os.environ.get("SHARDWISE_DEBUG"):
             raise
         message = _one_line(e)
         print(f"shardwise {args.command}: error: {message}", file=sys.stderr)
         if args.json:
-            error = {"type": "UsageError" if isinstance(e, _Usage) else type(e).__name__, "message": message}
+            error = {"type": "UsageError" if isinstance(e, _Usage) else type(e).__name__, "message": message,
+                     "path": _error_path(e, message, args)}
             _emit(json.dumps({"schema": SCHEMA_VERSION, "command": args.command, "ok": False, "error": error}))
         return EXIT_USAGE
     _emit(report.to_json() if args.json else report.summary())

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from . import _core
+from ._scan import parse_index
 from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .convert.base import Op
-from .errors import CheckpointError, ConversionError
+from .errors import ConversionError
 from .shards import DTYPE_TO_ST, SourceFile, byte_view
 
 __all__ = [
@@ -295,17 +296,6 @@ def torch_ready(t: torch.Tensor) -> torch.Tensor:
     if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.nbytes or not t.is_contiguous():
         t = t.clone(memory_format=torch.contiguous_format)
     return t
-
-
-def parse_index(raw: bytes, name: str = "index") -> tuple[dict[str, Any] | None, str | None]:
-    """``(data, None)`` for a well-formed HF index whose shard names stay in its folder (validated by
-    the native core), else ``(None, problem)``. ``data`` is the whole JSON object, so that metadata
-    and extra keys survive a rewrite."""
-    try:
-        _core.parse_index(raw, name)
-    except CheckpointError as e:
-        return None, str(e).removeprefix(f"{name}: ")
-    return json.loads(raw), None
 
 
 def read_index(folder: Path, name: str) -> tuple[Path, bytes, dict[str, Any]] | None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import __version__, _core
-from ._progress import Progress
+from ._progress import Progress, human_bytes
 from ._scan import not_a_folder, scan_folder
 from .checkpointer import _fsync_tree, _model_type, parse_size
 from .config import ModelConfig
@@ -41,12 +41,11 @@ from .layout import (
     SavePlan,
     count_params,
     index_bytes,
-    op_nbytes,
     plan_shards,
     write_safetensors_shards,
 )
 from .paths import check_outdir_not_in_ckptdir, copy_files, resolve_checkpoint_files, safe_join
-from .report import Report
+from .report_base import Report, n_of, register_renderer
 from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
 
 __all__ = ["ASIDE_NAME", "ORIGIN_NAME", "ORIGIN_SCHEMA", "convert_checkpoint"]
@@ -94,7 +93,7 @@ def convert_checkpoint(
             result = _to_tune(src_p, staging, mt, cap, progress)
         else:
             result = _to_hf(src_p, staging, mt, cap, progress)
-        _fsync_tree(staging)
+        _sync(staging, progress)
         _core.publish_dir(str(staging), str(dst_p))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,28 +138,33 @@ class _Result:
     aside: int = 0
 
 
-def _with_progress(ops: Sequence[Op], bar: Progress) -> list[Op]:
-    """The same ops, counting each tensor's bytes when it is produced (just before it is written)."""
+def _labelled(shard: OutputShard, bar: Progress, label: str) -> list[Op]:
+    """The shard's ops, the first of which names the shard on the bar when the writer gets to it."""
 
-    def wrap(op: Op) -> Op:
-        n = op_nbytes(op)
-
+    def first(op: Op) -> Op:
         def make() -> torch.Tensor:
-            t = op.make()
-            bar.update(n)
-            return t
+            bar.set_label(f"{label} {shard.name}")
+            return op.make()
 
         return Op(op.key, op.dtype, op.shape, make)
 
-    return [wrap(op) for op in ops]
+    return [first(op) for op in shard.ops[:1]] + list(shard.ops[1:])
 
 
 def _write_plan(plan: SavePlan, folder: Path, label: str, progress: bool) -> None:
-    total = plan.total_size
-    with Progress(total, label, enabled=progress) as bar:
+    """Write the plan's shards; the bar follows the bytes as the native writer writes them."""
+    with Progress(plan.total_size, label, enabled=progress) as bar:
         for shard in plan.shards:
-            shard.ops = _with_progress(shard.ops, bar)
-        write_safetensors_shards(plan, folder)
+            shard.ops = _labelled(shard, bar, label)
+        with bar.watch_writes():
+            write_safetensors_shards(plan, folder)
+
+
+def _sync(folder: Path, progress: bool) -> None:
+    """fsync everything written (on a disk this can take seconds: it gets a bar of its own)."""
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    with Progress(total, "fsync", enabled=progress) as bar:
+        _fsync_tree(folder, lambda p: (bar.set_label(f"fsync {p.name}"), bar.update(p.stat().st_size)))
 
 
 def _meta(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -456,3 +460,22 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
     side = copy_files(src, out, ignore_suffixes=[*SUFFIXES_TO_NOT_COPY, ORIGIN_NAME])
     result.files.extend((str(p.relative_to(out)), "side", None) for p in side)
     return result
+
+
+def _render_convert(r: Report) -> list[str]:
+    st = r.stats
+    arrow = "HF → torchtune" if r.details["direction"] == "hf-to-tune" else "torchtune → HF"
+    lines = [
+        f"converted {r.path} → {r.details['output']} ({arrow}, {r.details['model_type']})",
+        f"  {n_of(st['shards'], 'shard')}, {n_of(st['tensors'], 'tensor')}, {human_bytes(st['bytes'])}"
+        + (f", {st['aside']} kept aside" if st.get("aside") else "")
+        + f" in {st['seconds']:.3f} s",
+    ]
+    w = max([len(f["name"]) for f in r.files] + [4])
+    for f in r.files:
+        tensors = "" if f["tensors"] is None else f"{f['tensors']} tensors"
+        lines.append(f"  {f['name']:<{w}}  {human_bytes(f['size']):>9}  {f['role']:<6}  {tensors}".rstrip())
+    return lines
+
+
+register_renderer("convert", _render_convert)

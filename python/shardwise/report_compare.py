@@ -1,0 +1,544 @@
+"""``shardwise compare``: two checkpoints shard by shard, tensor by tensor, byte range by byte range,
+and its rendering (``file_rows`` is shared with ``roundtrip``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._progress import Progress, human_bytes
+from ._scan import FileInfo, Scan, TensorInfo, file_format, read_files, scan, side_files, structure_problems
+from .errors import CheckpointError
+from .report_base import CHUNK, Problem, Report, register_renderer
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: inspect/verify/--version start without it
+
+__all__ = ["compare", "compare_side_files", "file_rows", "first_difference"]
+
+
+def _u8(path: Path) -> np.ndarray:
+    """The file's bytes as a read-only mapped array (empty array for an empty file)."""
+    import numpy as np
+
+    if path.stat().st_size == 0:
+        return np.empty(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def first_difference(a: np.ndarray, b: np.ndarray, progress: Progress | None = None) -> tuple[int, int] | None:
+    """``[begin, end)`` of the first run of differing bytes (a length difference counts), or None."""
+    import numpy as np
+
+    n = min(len(a), len(b))
+    for start in range(0, n, CHUNK):
+        end = min(start + CHUNK, n)
+        x, y = a[start:end], b[start:end]
+        if progress is not None:
+            progress.update(len(x))
+        if np.array_equal(x, y):
+            continue
+        ne = np.flatnonzero(x != y)
+        steps = np.flatnonzero(np.diff(ne) != 1)
+        length = int(steps[0]) + 1 if len(steps) else len(ne)
+        return start + int(ne[0]), start + int(ne[0]) + length
+    if len(a) != len(b):
+        return n, max(len(a), len(b))
+    return None
+
+
+def _locate(info: FileInfo | None, offset: int) -> dict[str, Any]:
+    """Which part of a safetensors file a byte offset falls in: the header, a tensor, or past the end."""
+    if info is None or info.header is None:
+        return {"region": "unknown", "tensor": None}
+    h = info.header
+    if offset < h.data_start:
+        return {"region": "header", "tensor": None}
+    rel = offset - h.data_start
+    for t in info.tensors:
+        assert t.offsets is not None
+        if t.offsets[0] <= rel < t.offsets[1]:
+            return {"region": "tensor", "tensor": t.name}
+    return {"region": "end", "tensor": None}
+
+
+def _header_or_error(root: Path, name: str) -> FileInfo:
+    return read_files(root, [name])[0]
+
+
+def _tensor_bytes(info: FileInfo, path: Path, arr: np.ndarray) -> Callable[[TensorInfo], np.ndarray]:
+    """A function giving a tensor's bytes: a slice of the mapped file (safetensors) or a view of the
+    loaded tensor (torch files)."""
+    if info.header is not None:
+        base = info.header.data_start
+
+        def st_bytes(t: TensorInfo) -> np.ndarray:
+            assert t.offsets is not None
+            return arr[base + t.offsets[0] : base + t.offsets[1]]
+
+        return st_bytes
+    from .shards import SourceFile, byte_view, load_source_tensors
+
+    loaded = load_source_tensors(SourceFile(path))
+
+    import numpy as np
+
+    def torch_bytes(t: TensorInfo) -> np.ndarray:
+        v = byte_view(loaded[t.name])
+        return np.frombuffer(v, dtype=np.uint8) if isinstance(v, bytes) else np.asarray(v)
+
+    return torch_bytes
+
+
+def _compare_file(
+    exp_root: Path, exp_name: str, act_root: Path, act_name: str, progress: Progress | None
+) -> tuple[dict[str, Any], list[Problem]]:
+    """Compare one expected file with the produced one: bytes first; if they differ, tensor by tensor."""
+    ep, ap = exp_root / exp_name, act_root / act_name
+    entry: dict[str, Any] = {
+        "name": act_name,
+        "expected": exp_name,
+        "status": "identical",
+        "size": ap.stat().st_size,
+        "expected_size": ep.stat().st_size,
+        "tensors": None,
+        "first_difference": None,
+    }
+    ea, aa = _u8(ep), _u8(ap)
+    same_format = file_format(exp_name) == file_format(act_name) == "safetensors"
+    diff = first_difference(ea, aa, progress) if same_format else None
+    if same_format and diff is None:
+        info = _header_or_error(act_root, act_name)
+        entry["tensors"] = len(info.tensors) if info.ok else None
+        return entry, []
+    if progress is not None and not same_format:
+        progress.update(entry["expected_size"])
+    ei, ai = _header_or_error(exp_root, exp_name), _header_or_error(act_root, act_name)
+    entry["tensors"] = len(ai.tensors) if ai.ok else None
+    if diff is not None:
+        entry["first_difference"] = {"range": list(diff), **_locate(ei if ei.ok else None, diff[0])}
+    problems: list[Problem] = []
+    for side, info in (("expected", ei), ("produced", ai)):
+        if not info.ok:
+            problems.append(Problem("unreadable", f"{info.name} ({side}): {info.error}", act_name, None, diff))
+    if problems:
+        entry["status"] = "different"
+        return entry, problems
+    et = {t.name: t for t in ei.tensors}
+    at = {t.name: t for t in ai.tensors}
+    for name in et.keys() - at.keys():
+        problems.append(Problem("missing-tensor", f"{act_name}: tensor {name} is missing", act_name, name))
+    for name in at.keys() - et.keys():
+        problems.append(Problem("extra-tensor", f"{act_name}: unexpected tensor {name}", act_name, name))
+    e_bytes, a_bytes = _tensor_bytes(ei, ep, ea), _tensor_bytes(ai, ap, aa)
+    a_start = ai.header.data_start if ai.header is not None else None
+    for name in [t.name for t in ei.tensors if t.name in at]:
+        te, ta = et[name], at[name]
+        if te.dtype != ta.dtype:
+            problems.append(Problem("dtype", f"{act_name}: {name}: dtype {te.dtype} became {ta.dtype}", act_name, name))
+            continue
+        if te.shape != ta.shape:
+            problems.append(Problem("shape", f"{act_name}: {name}: shape {te.shape} became {ta.shape}", act_name, name))
+            continue
+        r = first_difference(e_bytes(te), a_bytes(ta))
+        if r is None:
+            continue
+        absolute = None
+        where = ""
+        if a_start is not None and ta.offsets is not None:
+            absolute = (a_start + ta.offsets[0] + r[0], a_start + ta.offsets[0] + r[1])
+            where = f", file bytes {absolute[0]}..{absolute[1]}"
+        problems.append(Problem(
+            "data",
+            f"{act_name}: {name}: bytes {r[0]}..{r[1]} of the tensor differ{where} ({te.dtype} {te.shape})",
+            act_name, name, absolute, r,
+        ))
+    if ei.header is not None and ai.header is not None and ei.metadata != ai.metadata:
+        problems.append(Problem(
+            "metadata", f"{act_name}: __metadata__ {ei.metadata} became {ai.metadata}", act_name, None,
+        ))
+    if not problems and same_format:
+        assert diff is not None
+        problems.append(Problem(
+            "header",
+            f"{act_name}: same tensors and data, but the header bytes differ from byte {diff[0]} "
+            "(tensor order, offsets, padding or JSON formatting)",
+            act_name, None, diff,
+        ))
+    entry["status"] = "different" if problems else "equal-tensors"
+    return entry, problems
+
+
+def _compare_index(
+    exp: Scan, act: Scan, rename: Callable[[str], str]
+) -> tuple[dict[str, Any] | None, list[Problem]]:
+    ei, ai = exp.index, act.index
+    if ei is None and ai is None:
+        return None, []
+    if ei is None:
+        assert ai is not None
+        return {"name": ai.name, "expected": None, "status": "extra", "first_difference": None}, [
+            Problem("index", f"{ai.name}: produced, but the original has no index", ai.name)
+        ]
+    if ai is None:
+        return {"name": None, "expected": ei.name, "status": "missing", "first_difference": None}, [
+            Problem("index", f"{ei.name}: missing from the output", ei.name)
+        ]
+    entry: dict[str, Any] = {"name": ai.name, "expected": ei.name, "status": "identical", "first_difference": None}
+    if ei.raw == ai.raw:
+        return entry, []
+    import numpy as np
+
+    r = first_difference(np.frombuffer(ei.raw, np.uint8), np.frombuffer(ai.raw, np.uint8))
+    entry["first_difference"] = {"range": list(r) if r else None, "region": "index", "tensor": None}
+    entry["status"] = "different"
+    problems = []
+    if ei.error or ai.error:
+        for side, idx in (("expected", ei), ("produced", ai)):
+            if idx.error:
+                problems.append(Problem("index", f"{idx.name} ({side}): {idx.error}", ai.name, None, r))
+        return entry, problems
+    ew = {k: rename(v) for k, v in ei.weight_map.items()}
+    aw = ai.weight_map
+    for k in sorted(ew.keys() - aw.keys()):
+        problems.append(Problem("index", f"{ai.name}: entry {k} ({ew[k]}) is missing", ai.name, k))
+    for k in sorted(aw.keys() - ew.keys()):
+        problems.append(Problem("index", f"{ai.name}: unexpected entry {k} ({aw[k]})", ai.name, k))
+    for k in sorted(ew.keys() & aw.keys()):
+        if ew[k] != aw[k]:
+            problems.append(Problem("index", f"{ai.name}: {k} is in {aw[k]}, was in {ew[k]}", ai.name, k))
+    em, am = ei.metadata, ai.metadata
+    for k in sorted(em.keys() | am.keys()):
+        if em.get(k) != am.get(k):
+            problems.append(Problem("index", f"{ai.name}: metadata.{k} is {am.get(k)!r}, was {em.get(k)!r}", ai.name))
+    if not problems:
+        if ei.name != ai.name or ew != ei.weight_map:
+            entry["status"] = "equal-content"  # a .bin index became a safetensors one: same content
+            return entry, []
+        problems.append(Problem(
+            "index", f"{ai.name}: same JSON content, but the bytes differ from byte {r[0] if r else 0} (formatting)",
+            ai.name, None, r,
+        ))
+    return entry, problems
+
+
+_NUMBERED = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[A-Za-z]+)$")
+
+
+def _renumbered(missing: Sequence[str], extra: Sequence[str]) -> dict[str, str]:
+    """Pairs ``stem-k-of-n`` ↔ ``stem-k-of-m`` among missing and extra files (shards renumbered because
+    one was added or removed), so that their contents can still be compared."""
+    def key(name: str) -> tuple[str, int, str] | None:
+        m = _NUMBERED.match(name)
+        return (m.group("stem"), int(m.group("k")), m.group("ext")) if m else None
+
+    by_key: dict[tuple[str, int, str], str] = {}
+    for name in extra:
+        k = key(name)
+        if k is not None:
+            by_key.setdefault(k, name)
+    out = {}
+    for name in missing:
+        k = key(name)
+        if k is not None and k in by_key:
+            out[name] = by_key.pop(k)
+    return out
+
+
+def compare(
+    expected: str | os.PathLike[str],
+    actual: str | os.PathLike[str],
+    *,
+    rename: Callable[[str], str] | None = None,
+    strict_layout: bool = False,
+    progress: bool = False,
+) -> Report:
+    """Compare two checkpoints (folders, or two files) shard by shard, tensor by tensor, byte range by
+    byte range. ``ok`` when every weight file and the index are byte-identical (or, across a format
+    change given by ``rename`` — expected name → produced name — hold identical tensors and content).
+
+    Two safetensors folders holding the same tensors in different shards (e.g. after
+    ``--max-shard-size``) are paired tensor by tensor by name: ``details["layout"]`` is
+    ``"different"`` and ``ok`` stays True unless ``strict_layout``. Problems name the file, the tensor
+    and the first differing byte range (``Problem.byte_range`` in the produced file,
+    ``Problem.tensor_range`` relative to the tensor).
+    """
+    t0 = time.perf_counter()
+    rn = rename or (lambda n: n)
+    se, sa = scan(expected), scan(actual)
+    if se.single_file != sa.single_file:
+        raise CheckpointError(f"compare a folder with a folder and a file with a file ({expected}, {actual})")
+    exp_names = [n for n in se.shards if n in se.present]
+    act_names = set(sa.present)
+    problems: list[Problem] = []
+    files: list[dict[str, Any]] = []
+    if se.single_file:
+        pairs = [(exp_names[0], next(iter(act_names)))]
+    else:
+        pairs = [(n, rn(n)) for n in exp_names if rn(n) in act_names]
+        renamed = _renumbered(
+            [rn(n) for n in exp_names if rn(n) not in act_names],
+            sorted(act_names - {a for _, a in pairs}),
+        )
+        if renamed:
+            back = {rn(n): n for n in exp_names}
+            for old, new in renamed.items():
+                problems.append(Problem("renamed-file", f"{old} came back as {new}", new))
+                pairs.append((back[old], new))
+            plain = rn
+            rn = lambda n: renamed.get(plain(n), plain(n))  # noqa: E731
+    produced = {a for _, a in pairs}
+    if not se.single_file and _resharded(se, sa, exp_names, pairs, produced):
+        return _compare_by_tensor_name(se, sa, expected, actual, strict_layout, progress, t0)
+    for n in exp_names:
+        if not se.single_file and rn(n) not in act_names:
+            problems.append(Problem("missing-file", f"{rn(n)}: missing from the output", rn(n)))
+            files.append({"name": rn(n), "expected": n, "status": "missing", "size": None,
+                          "expected_size": (se.root / n).stat().st_size, "tensors": None, "first_difference": None})
+    total = sum((se.root / e).stat().st_size for e, _ in pairs)
+    with Progress(total, "compare", enabled=progress) as bar:
+        for e, a in pairs:
+            bar.set_label(f"compare {a}")
+            entry, found = _compare_file(se.root, e, sa.root, a, bar)
+            if entry["status"] == "identical" and rn(e) != e and e != a and file_format(e) == file_format(a):
+                entry["status"] = "renamed"
+            files.append(entry)
+            problems.extend(found)
+    for a in sa.shards:
+        if a in act_names and a not in produced:
+            problems.append(Problem("extra-file", f"{a}: not in the original", a))
+            files.append({"name": a, "expected": None, "status": "extra", "size": (sa.root / a).stat().st_size,
+                          "expected_size": None, "tensors": None, "first_difference": None})
+    index, index_problems = (None, []) if se.single_file else _compare_index(se, sa, rn)
+    problems.extend(index_problems)
+    order = {rn(n): i for i, n in enumerate(se.shards)}
+    files.sort(key=lambda f: (order.get(f["name"], len(order)), f["name"] or ""))
+    stats = {
+        "files": len(files),
+        "identical": sum(f["status"] == "identical" for f in files),
+        "different": sum(f["status"] == "different" for f in files),
+        "bytes": total,
+        "seconds": round(time.perf_counter() - t0, 6),
+    }
+    sides, side_problems = (None, []) if se.single_file else compare_side_files(se.root, sa.root)
+    problems.extend(side_problems)
+    details = {"other": str(actual), "index": index, "layout": "same", "layout_note": None, "side_files": sides}
+    return Report("compare", str(expected), problems, files, stats, details)
+
+
+def _resharded(se: Scan, sa: Scan, exp_names: Sequence[str], pairs: Sequence[tuple[str, str]],
+               produced: set[str]) -> bool:
+    """Whether two folders are best compared tensor by tensor by name: both are consistent
+    safetensors checkpoints and their files do not pair up (or pair up holding other tensors)."""
+    act_names = [a for a in sa.shards if a in sa.present]
+    if not exp_names or not act_names:
+        return False
+    if any(file_format(n) != "safetensors" for n in [*exp_names, *act_names]):
+        return False
+    unpaired = len(pairs) != len(exp_names) or set(act_names) != produced
+    ei, ai = read_files(se.root, exp_names), read_files(sa.root, act_names)
+    if not all(f.ok for f in [*ei, *ai]) or structure_problems(sa, ai) or structure_problems(se, ei):
+        return False  # a broken side: file by file says more (missing, extra, unreadable)
+    if unpaired:
+        return True
+    exp_files = {e: a for e, a in pairs}
+    exp_place = {t.name: exp_files[f.name] for f in ei for t in f.tensors}
+    act_place = {t.name: f.name for f in ai for t in f.tensors}
+    return exp_place.keys() == act_place.keys() and exp_place != act_place
+
+
+def _compare_by_tensor_name(
+    se: Scan, sa: Scan, expected: str | os.PathLike[str], actual: str | os.PathLike[str], strict_layout: bool,
+    progress: bool, t0: float,
+) -> Report:
+    """Same tensors in other shards: pair tensors by name; report real differences tensor by tensor."""
+    ei = read_files(se.root, [n for n in se.shards if n in se.present])
+    ai = read_files(sa.root, [n for n in sa.shards if n in sa.present])
+    et = {t.name: (f, t) for f in ei for t in f.tensors}
+    at = {t.name: (f, t) for f in ai for t in f.tensors}
+    problems: list[Problem] = []
+    for name in sorted(et.keys() - at.keys()):
+        problems.append(Problem("missing-tensor", f"tensor {name} ({et[name][0].name}) is missing", None, name))
+    for name in sorted(at.keys() - et.keys()):
+        f = at[name][0].name
+        problems.append(Problem("extra-tensor", f"{f}: unexpected tensor {name}", f, name))
+    maps: dict[tuple[str, str], np.ndarray] = {}
+
+    def data(root: Path, f: FileInfo, t: TensorInfo) -> np.ndarray:
+        key = (str(root), f.name)
+        if key not in maps:
+            maps[key] = _u8(root / f.name)
+        assert f.header is not None and t.offsets is not None
+        base = f.header.data_start
+        return maps[key][base + t.offsets[0] : base + t.offsets[1]]
+
+    common = [n for n in et if n in at]
+    total = sum(et[n][1].nbytes for n in common)
+    with Progress(total, "compare", enabled=progress) as bar:
+        for name in common:
+            (fe, te), (fa, ta) = et[name], at[name]
+            bar.set_label(f"compare {fa.name}")
+            if te.dtype != ta.dtype or te.shape != ta.shape:
+                kind, was, now = ("dtype", te.dtype, ta.dtype) if te.dtype != ta.dtype else (
+                    "shape", te.shape, ta.shape)
+                problems.append(Problem(kind, f"{fa.name}: {name}: {kind} {was} became {now}", fa.name, name))
+                bar.update(te.nbytes)
+                continue
+            r = first_difference(data(se.root, fe, te), data(sa.root, fa, ta), bar)
+            if r is not None:
+                assert fa.header is not None and ta.offsets is not None
+                start = fa.header.data_start + ta.offsets[0]
+                problems.append(Problem(
+                    "data", f"{fa.name}: {name}: bytes {r[0]}..{r[1]} of the tensor differ "
+                    f"(was in {fe.name}) ({te.dtype} {te.shape})",
+                    fa.name, name, (start + r[0], start + r[1]), r,
+                ))
+    metas = {json.dumps(f.metadata, sort_keys=True) for f in ei}, {json.dumps(f.metadata, sort_keys=True) for f in ai}
+    if metas[0] != metas[1]:
+        problems.append(Problem("metadata", f"__metadata__ {sorted(metas[0])} became {sorted(metas[1])}"))
+    index, index_problems = _compare_index_content(se, sa)
+    problems.extend(index_problems)
+    moved = sum(fe.name != at[n][0].name for n, (fe, _) in et.items() if n in at)
+    layout = (f"the same tensors in other shards: {len(ei)} file(s) became {len(ai)}, "
+              f"{moved} of {len(common)} tensors in a file of another name")
+    if strict_layout:
+        problems.append(Problem("layout", f"different layout (--strict-layout): {layout}"))
+    sides, side_problems = compare_side_files(se.root, sa.root)
+    problems.extend(side_problems)
+    bad = {p.file for p in problems if p.file}
+    files = [
+        {"name": None, "expected": f.name, "status": "resharded", "size": None, "expected_size": f.size,
+         "tensors": len(f.tensors), "first_difference": None} for f in ei if f.name not in {g.name for g in ai}
+    ] + [
+        {"name": f.name, "expected": None, "status": "different" if f.name in bad else "resharded", "size": f.size,
+         "expected_size": None, "tensors": len(f.tensors), "first_difference": None} for f in ai
+    ]
+    stats = {
+        "files": len(files),
+        "identical": 0,
+        "different": sum(f["status"] == "different" for f in files),
+        "bytes": total,
+        "seconds": round(time.perf_counter() - t0, 6),
+    }
+    details = {"other": str(actual), "index": index, "layout": "different", "layout_note": layout,
+               "side_files": sides}
+    return Report("compare", str(expected), problems, files, stats, details)
+
+
+def _json_changes(old: Any, new: Any, where: str = "") -> list[str]:
+    """What differs between two JSON values, by key path: ``rms_norm_eps is 1e-06, was 1e-05``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(old.keys() | new.keys(), key=str):
+            path = f"{where}.{k}" if where else str(k)
+            if k not in new:
+                out.append(f"{path} is gone (was {json.dumps(old[k])})")
+            elif k not in old:
+                out.append(f"{path} is new ({json.dumps(new[k])})")
+            else:
+                out.extend(_json_changes(old[k], new[k], path))
+        return out
+    if old == new and type(old) is type(new):
+        return []
+    return [f"{where or 'the document'} is {json.dumps(new)}, was {json.dumps(old)}"]
+
+
+def compare_side_files(exp_root: Path, act_root: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Config, generation config and tokenizer files on both sides: missing, extra, identical or
+    different (``.json`` files key by key, so a changed ``rms_norm_eps`` is named)."""
+    exp, act = set(side_files(exp_root)), set(side_files(act_root))
+    entries: list[dict[str, Any]] = []
+    problems: list[Problem] = []
+    for name in sorted(exp | act):
+        entry: dict[str, Any] = {"name": name, "status": "identical", "changes": []}
+        if name not in act:
+            entry["status"] = "missing"
+            problems.append(Problem("side-file", f"{name}: missing from the output", name))
+        elif name not in exp:
+            entry["status"] = "extra"
+            problems.append(Problem("side-file", f"{name}: not in the original", name))
+        else:
+            a, b = (exp_root / name).read_bytes(), (act_root / name).read_bytes()
+            if a != b:
+                changes = ["the bytes differ"]
+                if name.endswith(".json"):
+                    try:
+                        changes = _json_changes(json.loads(a), json.loads(b))
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        changes = ["the bytes differ (not valid JSON on one side)"]
+                entry["status"] = "different" if changes else "equal-content"  # JSON formatting only
+                entry["changes"] = changes
+                problems.extend(Problem("side-file", f"{name}: {c}", name) for c in changes)
+        entries.append(entry)
+    return entries, problems
+
+
+def _compare_index_content(exp: Scan, act: Scan) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """The index across re-sharding: the same entries and metadata apart from sizes and file names."""
+    ei, ai = exp.index, act.index
+    if ei is None or ai is None:  # e.g. re-sharded into one file: an index is a matter of layout
+        if ei is None and ai is None:
+            return None, []
+        status = "extra" if ei is None else "missing"
+        return {"name": ai.name if ai else None, "expected": ei.name if ei else None, "status": status,
+                "first_difference": None}, []
+    entry: dict[str, Any] = {"name": ai.name, "expected": ei.name, "status": "resharded", "first_difference": None}
+    problems = []
+    for k in sorted(ei.weight_map.keys() - ai.weight_map.keys()):
+        problems.append(Problem("index", f"{ai.name}: entry {k} is missing", ai.name, k))
+    for k in sorted(ai.weight_map.keys() - ei.weight_map.keys()):
+        problems.append(Problem("index", f"{ai.name}: unexpected entry {k}", ai.name, k))
+    em, am = ei.metadata, ai.metadata
+    for k in sorted(em.keys() | am.keys()):
+        if em.get(k) != am.get(k):
+            problems.append(Problem("index", f"{ai.name}: metadata.{k} is {am.get(k)!r}, was {em.get(k)!r}", ai.name))
+    if problems:
+        entry["status"] = "different"
+    return entry, problems
+
+
+def file_rows(r: Report) -> list[str]:
+    rows = []
+    names = [f["name"] or f["expected"] for f in r.files]
+    idx = r.details.get("index")
+    if idx is not None:
+        names.append(idx["name"] or idx["expected"])
+    w = max([len(n) for n in names] + [4])
+    for f in r.files:
+        size = f["size"] if f["size"] is not None else f["expected_size"]
+        status = f["status"]
+        fd = f.get("first_difference")
+        if fd:
+            where = fd["tensor"] or fd["region"]
+            status += f" (first at byte {fd['range'][0]}, {where})"
+        rows.append(f"  {f['name'] or f['expected']:<{w}}  {human_bytes(size or 0):>9}  {status}")
+    if idx is not None:
+        status = idx["status"]
+        if status == "different" and idx.get("first_difference") and idx["first_difference"]["range"]:
+            status += f" (first at byte {idx['first_difference']['range'][0]})"
+        rows.append(f"  {idx['name'] or idx['expected']:<{w}}  {'':>9}  {status}")
+    return rows
+
+
+def _render_compare(r: Report) -> list[str]:
+    lines = [f"compare {r.path} (expected) with {r.details['other']} (produced)", *file_rows(r)]
+    for f in r.details.get("side_files") or []:
+        if f["status"] != "identical":
+            lines.append(f"  {f['name']}  {f['status']}" + "".join(f"\n    {c}" for c in f["changes"]))
+    if r.details.get("layout_note"):
+        lines.append(f"  layout: {r.details['layout_note']} (tensors paired by name)")
+    return lines
+
+
+def _verdict_compare(r: Report) -> str:
+    if r.ok and r.details.get("layout") == "different":
+        return "OK: same tensors, different layout"
+    return "OK" if r.ok else "FAILED"
+
+
+register_renderer("compare", _render_compare, _verdict_compare)

@@ -131,6 +131,11 @@ def _handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Quiet(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that went away (a killed process, a dropped connection) is part of the tests
+
+
 @dataclass
 class S3:
     """A running endpoint: ``url`` (through the proxy), the moto server and the proxy."""
@@ -161,7 +166,7 @@ def s3_server() -> Iterator[S3]:
     server.start()
     upstream = server.get_host_and_port()
     proxy = Proxy(upstream)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(proxy))
+    httpd = _Quiet(("127.0.0.1", 0), _handler(proxy))
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

@@ -288,9 +288,12 @@ def test_a_save_killed_mid_upload_leaves_nothing_complete(s3, fs, bucket, hf, tm
     out = rm.remote(f"s3://{bucket}/run", s3.storage_options())
     assert rm.checkpoint_folders(out, "epoch") == {"epoch_0": True, "epoch_1": False}
     assert _open_uploads(fs, bucket), "the child was killed with its multipart uploads open"
-    report = verify(f"s3://{bucket}/run/epoch_1", storage_options=s3.storage_options())
-    assert not report.ok and any(p.kind == "incomplete" for p in report.problems)
-    assert verify(f"s3://{bucket}/run/epoch_0", storage_options=s3.storage_options()).ok
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3.env().items():
+            mp.setenv(k, v)
+        report = verify(f"s3://{bucket}/run/epoch_1")
+        assert not report.ok and any(p.kind == "incomplete" for p in report.problems)
+        assert verify(f"s3://{bucket}/run/epoch_0").ok
     resumed = _ckpt(s3, str(local), names, f"s3://{bucket}/run", tmp_path / "cache2", should_load_recipe_state=True)
     assert resumed._checkpoint_paths[0].parent.name == "epoch_0"
     # the next save removes what the dead one left, and aborts its uploads
@@ -370,3 +373,80 @@ def test_403_on_read_names_the_url(s3, fs, bucket, hf, tmp_path) -> None:
     with pytest.raises(CheckpointIOError) as e:
         _ckpt(s3, f"s3://{bucket}/model", names, str(tmp_path / "out"), tmp_path / "cache")
     assert e.value.filename == f"s3://{bucket}/model/{names[1]}"
+
+
+# ------------------------------------------------------------------------------------ the command line
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    return s3
+
+
+def _cli(*args: str) -> tuple[int, dict]:
+    import contextlib
+    import io
+
+    from shardwise.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["--json", "-q", *args])
+    return code, json.loads(buf.getvalue())
+
+
+def test_inspect_of_a_remote_checkpoint_reads_only_the_headers(s3_env, fs, bucket, hf) -> None:
+    from shardwise.report import inspect_checkpoint
+
+    local, names = hf
+    _upload(fs, local, f"s3://{bucket}/model")
+    s3_env.proxy.reset()
+    code, remote_report = _cli("inspect", f"s3://{bucket}/model", "--tensors")
+    assert code == 0
+    local_report = inspect_checkpoint(str(local), tensors=True).to_dict()
+    for key in ("files", "problems"):
+        assert remote_report[key] == local_report[key]
+    assert remote_report["tensors"] == local_report["tensors"] and remote_report["index"] == local_report["index"]
+    gets = [r for r in s3_env.proxy.requests if r.method == "GET" and "model-0" in r.path]
+    assert len(gets) == 2 * len(names)  # the 8-byte length, then exactly the header
+    headers = sum(8 + int.from_bytes((local / n).read_bytes()[:8], "little") for n in names)
+    data = sum((local / n).stat().st_size for n in names)
+    # all the server sent: listing, index, two ranged reads per shard (with HTTP framing)
+    assert s3_env.proxy.sent < headers + 64 * 1024 < data / 100
+
+
+def test_verify_of_remote_folders_follows_the_marker_rule(s3_env, fs, bucket, hf, tmp_path) -> None:
+    local, names = hf
+    _upload(fs, local, f"s3://{bucket}/model")
+    assert _cli("verify", f"s3://{bucket}/model")[0] == 0  # not a shardwise save: no marker needed
+    code, report = _cli("verify", f"s3://{bucket}/model", "--checksums")
+    assert code == 0 and all(f["sha256"] for f in report["files"])
+    _upload(fs, local, f"s3://{bucket}/run/epoch_3")  # looks like a checkpoint, but has no marker
+    code, report = _cli("verify", f"s3://{bucket}/run/epoch_3")
+    assert code == 1 and [p["kind"] for p in report["problems"]] == ["incomplete"]
+    ck = _ckpt(s3_env, str(local), names, f"s3://{bucket}/run", tmp_path / "cache")
+    ck.save_checkpoint(ck.load_checkpoint(), epoch=4)
+    assert _cli("verify", f"s3://{bucket}/run/epoch_4")[0] == 0
+    fs.rm(f"{bucket}/run/epoch_4/{names[1]}")  # a file the marker lists is gone
+    code, report = _cli("verify", f"s3://{bucket}/run/epoch_4")
+    assert code == 1 and "incomplete" in {p["kind"] for p in report["problems"]}
+
+
+def test_convert_roundtrip_and_compare_on_urls(s3_env, fs, bucket, hf, tmp_path) -> None:
+    local, names = hf
+    _upload(fs, local, f"s3://{bucket}/model")
+    code, report = _cli("convert", f"s3://{bucket}/model", f"s3://{bucket}/tune", "--to", "tune",
+                        "--model-type", "LLAMA3")
+    assert code == 0, report
+    assert fs.exists(f"{bucket}/tune/{rm.COMPLETE_MARKER}")
+    code, report = _cli("convert", f"s3://{bucket}/tune", str(tmp_path / "hf"), "--to", "hf")
+    assert code == 0, report
+    assert _files(tmp_path / "hf") == _files(local)
+    code, report = _cli("convert", str(tmp_path / "hf"), f"s3://{bucket}/tune", "--to", "tune",
+                        "--model-type", "LLAMA3")
+    assert code == 2 and "not empty" in report["error"]["message"]
+    assert _cli("compare", str(local), f"s3://{bucket}/model")[0] == 0
+    code, report = _cli("roundtrip", f"s3://{bucket}/model", "--model-type", "LLAMA3")
+    assert code == 0, report

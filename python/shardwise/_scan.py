@@ -47,7 +47,7 @@ SIDE_FILE_NAMES = frozenset({
 def side_files(folder: Path) -> list[str]:
     """The side files present in ``folder`` (``SIDE_FILE_NAMES`` and ``tokenizer*``), sorted."""
     try:
-        names = os.listdir(folder)
+        names = list(folder.children) if getattr(folder, "is_remote", False) else os.listdir(folder)  # type: ignore[attr-defined]
     except OSError:
         return []
     wanted = [n for n in names if n in SIDE_FILE_NAMES or (n.startswith("tokenizer") and not n.endswith(".tmp"))]
@@ -119,6 +119,13 @@ def not_a_folder(p: Path) -> CheckpointIOError:
 
 def scan(path: str | os.PathLike[str]) -> Scan:
     """A checkpoint folder (or one weight file): index and shards. ``CheckpointIOError`` when missing."""
+    if isinstance(path, str) and "://" in path:  # object storage: listing and ranged reads (remote_scan.py)
+        from .remote import is_url
+
+        if is_url(path):
+            from .remote_scan import scan_remote
+
+            return scan_remote(path)
     p = Path(path)
     if not p.exists():
         raise CheckpointIOError(2, "no such file or directory", str(p))
@@ -224,6 +231,10 @@ def read_files(root: Path, names: Sequence[str], *, strict: bool = False, thread
     """Headers of every named file (safetensors in parallel, by the native core); torch files are opened
     with ``torch.load(mmap=True, weights_only=True)``. With ``strict`` the first error is raised;
     otherwise it is recorded in ``FileInfo.error``. Missing files get ``error="missing"``."""
+    if getattr(root, "is_remote", False):
+        from .remote_scan import read_remote_files
+
+        return read_remote_files(root, names, strict=strict)  # type: ignore[arg-type]
     out: dict[str, FileInfo] = {}
     st: list[tuple[str, Path]] = []
     for name in names:

@@ -10,6 +10,7 @@ Ctrl-C during start-up is handled too, and torch only by the commands that build
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -46,10 +47,12 @@ def _cmd_convert(a: argparse.Namespace) -> Report:
         raise _Usage("convert --to tune needs --model-type (e.g. --model-type LLAMA3)")
     from .tunedir import convert_checkpoint
 
-    return convert_checkpoint(
-        a.src, a.dst, a.model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
-        progress=not a.quiet,
-    )
+    with _local(a.src) as src, _published(a.dst, a.overwrite) as dst:
+        report = convert_checkpoint(
+            src, dst, a.model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
+            progress=not a.quiet,
+        )
+    return _named(report, a.src, a.dst)
 
 
 def _cmd_roundtrip(a: argparse.Namespace) -> Report:
@@ -57,13 +60,45 @@ def _cmd_roundtrip(a: argparse.Namespace) -> Report:
         raise _Usage("roundtrip DIR needs --model-type (e.g. --model-type LLAMA3)")
     from .report import roundtrip
 
-    return roundtrip(a.path, a.model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
+    with _local(a.path) as path:
+        return _named(roundtrip(path, a.model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet), a.path)
 
 
 def _cmd_compare(a: argparse.Namespace) -> Report:
     from .report import compare
 
-    return compare(a.expected, a.actual, strict_layout=a.strict_layout, progress=not a.quiet)
+    with _local(a.expected) as expected, _local(a.actual) as actual:
+        report = compare(expected, actual, strict_layout=a.strict_layout, progress=not a.quiet)
+    return _named(report, a.expected, a.actual)
+
+
+# object storage (s3://, gs://, ...): inspect and verify read headers by ranged GETs themselves; the
+# other commands work on copies in the download cache, and a remote output is uploaded when complete
+def _is_url(path: str | None) -> bool:
+    return path is not None and "://" in path
+
+
+def _local(path: str | None) -> Any:
+    if not _is_url(path):
+        return contextlib.nullcontext(path)
+    from .remote_scan import local_copy
+
+    return local_copy(path)  # type: ignore[arg-type]
+
+
+def _published(path: str, overwrite: bool) -> Any:
+    if not _is_url(path):
+        return contextlib.nullcontext(path)
+    from .remote_scan import publish_folder
+
+    return publish_folder(path, overwrite=overwrite)
+
+
+def _named(report: Report, *paths: str | None) -> Report:
+    """The report names the URLs the user gave, not the cache folders standing in for them."""
+    if any(_is_url(p) for p in paths):
+        report.path = " -> ".join(p for p in paths if p) if len(paths) > 1 else str(paths[0])
+    return report
 
 
 class _Usage(Exception):

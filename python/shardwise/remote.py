@@ -180,8 +180,10 @@ def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> Remote
         raise CheckpointIOError(
             _errno.ENOSYS, "remote checkpoints need fsspec: pip install 'shardwise[remote]'", url
         ) from e
+    options = dict(storage_options or {})
+    options.setdefault("use_listings_cache", False)  # other writers (another host, a dead save) change it
     try:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
         pkg = _EXTRA.get(proto, f"the fsspec backend for {proto}://")
         raise CheckpointIOError(

@@ -450,3 +450,45 @@ def test_convert_roundtrip_and_compare_on_urls(s3_env, fs, bucket, hf, tmp_path)
     assert _cli("compare", str(local), f"s3://{bucket}/model")[0] == 0
     code, report = _cli("roundtrip", f"s3://{bucket}/model", "--model-type", "LLAMA3")
     assert code == 0, report
+
+
+def test_adapters_recipe_state_and_side_files_match_a_local_save(s3, fs, bucket, tmp_path) -> None:
+    """The remote folder holds exactly the bytes a local save writes (model, adapter in both formats,
+    adapter config, side files), and a resume from it gets the adapter and the recipe state back."""
+    from test_adapters import llama_adapter
+
+    spec = LlamaSpec(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=48, intermediate=40, vocab=37,
+                     dtype=torch.float32)
+    sd = llama_state_dict(spec)
+    names = write_hf_checkpoint(tmp_path / "base", sd, [list(sd)], spec.config())
+    (tmp_path / "base" / "original_repo_id.json").write_text(json.dumps({"repo_id": "meta/tiny"}))
+    results = {}
+    for where, out in [("local", str(tmp_path / "out")), ("remote", f"s3://{bucket}/run")]:
+        ck = _ckpt(s3, str(tmp_path / "base"), names, out, tmp_path / f"cache-{where}")
+        state = ck.load_checkpoint()
+        state["adapter"] = llama_adapter()
+        state["adapter_config"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"], "peft_type": "LORA"}
+        state["seed"] = 3
+        ck.save_checkpoint(state, epoch=0, intermediate_checkpoint=True)
+        results[where] = state
+    local = _files(tmp_path / "out" / "epoch_0")
+    expected = {"adapter_model.pt", "adapter_model.safetensors", "adapter_config.json", "original_repo_id.json"}
+    assert expected <= set(local)
+    assert _remote_files(fs, f"s3://{bucket}/run/epoch_0") == local
+    resumed = _ckpt(s3, str(tmp_path / "base"), names, f"s3://{bucket}/run", tmp_path / "cache-resume",
+                    should_load_recipe_state=True).load_checkpoint()
+    assert resumed["seed"] == 3
+    assert resumed["adapter"].keys() == results["remote"]["adapter"].keys()
+    assert all(torch.equal(resumed["adapter"][k], v) for k, v in results["remote"]["adapter"].items())
+
+
+def test_headers_only_commands_on_urls_do_not_import_torch(s3_env, fs, bucket, hf) -> None:
+    local, names = hf
+    _upload(fs, local, f"s3://{bucket}/model")
+    code = ("import sys; from shardwise.cli import main; "
+            f"rc = [main(['-q', c, 's3://{bucket}/model']) for c in ('inspect', 'verify')]; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(max(rc))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **s3_env.env()}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"s3://{bucket}/model: 2 shards" in done.stdout

@@ -476,7 +476,7 @@ def _upload_part(r: Remote, lay: _Layout, upload_id: str, number: int, start: in
     bucket, key, _ = r.fs.split_path(r.path)
     body = lay.read(start, min(start + part_size, lay.size))
     resp = r._call(f"cannot upload part {number}", r.fs.call_s3, "upload_part", Bucket=bucket, Key=key,
-                   UploadId=upload_id, PartNumber=number, Body=bytes(body))
+                   UploadId=upload_id, PartNumber=number, Body=body)
     return str(resp["ETag"])
 
 

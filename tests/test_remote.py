@@ -440,6 +440,7 @@ def test_convert_roundtrip_and_compare_on_urls(s3_env, fs, bucket, hf, tmp_path)
     code, report = _cli("convert", f"s3://{bucket}/model", f"s3://{bucket}/tune", "--to", "tune",
                         "--model-type", "LLAMA3")
     assert code == 0, report
+    assert (report["path"], report["output"]) == (f"s3://{bucket}/model", f"s3://{bucket}/tune")
     assert fs.exists(f"{bucket}/tune/{rm.COMPLETE_MARKER}")
     code, report = _cli("convert", f"s3://{bucket}/tune", str(tmp_path / "hf"), "--to", "hf")
     assert code == 0, report

@@ -52,7 +52,7 @@ def _cmd_convert(a: argparse.Namespace) -> Report:
             src, dst, a.model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
             progress=not a.quiet,
         )
-    return _named(report, a.src, a.dst)
+    return _named(report, a.src, "output", a.dst)
 
 
 def _cmd_roundtrip(a: argparse.Namespace) -> Report:
@@ -69,7 +69,7 @@ def _cmd_compare(a: argparse.Namespace) -> Report:
 
     with _local(a.expected) as expected, _local(a.actual) as actual:
         report = compare(expected, actual, strict_layout=a.strict_layout, progress=not a.quiet)
-    return _named(report, a.expected, a.actual)
+    return _named(report, a.expected, "other", a.actual)
 
 
 # object storage (s3://, gs://, ...): inspect and verify read headers by ranged GETs themselves; the
@@ -94,10 +94,12 @@ def _published(path: str, overwrite: bool) -> Any:
     return publish_folder(path, overwrite=overwrite)
 
 
-def _named(report: Report, *paths: str | None) -> Report:
+def _named(report: Report, path: str | None, other_key: str | None = None, other: str | None = None) -> Report:
     """The report names the URLs the user gave, not the cache folders standing in for them."""
-    if any(_is_url(p) for p in paths):
-        report.path = " -> ".join(p for p in paths if p) if len(paths) > 1 else str(paths[0])
+    if _is_url(path):
+        report.path = str(path)
+    if other_key is not None and _is_url(other):
+        report.details[other_key] = other
     return report
 
 

@@ -173,7 +173,8 @@ class Remote:
 def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> Remote:
     """The filesystem for ``url`` (fsspec). A clear error naming the ``shardwise[remote]`` extra when
     the backend (``s3fs``, ``gcsfs``) is not installed."""
-    proto = (_URL.match(url) or re.match("", "")).group(0)[:-3].lower()  # type: ignore[union-attr]
+    m = _URL.match(url)
+    proto = m.group("proto").lower() if m else ""
     try:
         import fsspec
     except ImportError as e:
@@ -214,6 +215,21 @@ def concurrency(given: int | None = None) -> int:
     return max(1, _setting("SHARDWISE_REMOTE_CONCURRENCY", CONCURRENCY, given))
 
 
+def _run_all(jobs: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
+    """Run ``jobs`` on ``workers`` threads; on the first failure the jobs not started are cancelled
+    (a failed upload does not go on sending the rest) and the error is raised."""
+    if not jobs:
+        return []
+    with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def _s3(r: Remote) -> bool:
     return hasattr(r.fs, "call_s3") and hasattr(r.fs, "split_path")
 
@@ -235,10 +251,7 @@ def read_header(r: Remote, size: int) -> _core.SafetensorsHeader:
 
 def read_headers(files: Sequence[tuple[Remote, int]], threads: int | None = None) -> list[_core.SafetensorsHeader]:
     """``read_header`` for many files in parallel; results in input order, the first error raised."""
-    if len(files) <= 1:
-        return [read_header(r, s) for r, s in files]
-    with ThreadPoolExecutor(min(concurrency(threads), len(files))) as pool:
-        return list(pool.map(lambda rs: read_header(*rs), files))
+    return _run_all([lambda rs=rs: read_header(*rs) for rs in files], concurrency(threads))
 
 
 def sha256(r: Remote, progress: Callable[[int], object] | None = None) -> str:
@@ -331,8 +344,7 @@ def download(
             os.pwrite(fds[i], data, start)
             return len(data)
 
-        with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1))) as pool:
-            total = sum(pool.map(fetch, jobs))
+        total = sum(_run_all([lambda job=job: fetch(job) for job in jobs], workers))
         for i, (_r, info, local) in enumerate(todo):
             os.close(fds[i])
             fds[i] = -1
@@ -438,8 +450,7 @@ def upload_files(
     if not layouts:
         return 0
     if not _s3(folder):
-        with ThreadPoolExecutor(max(1, min(workers, len(layouts)))) as pool:
-            return sum(pool.map(lambda rl: _stream_upload(rl[0], rl[1], step), layouts))
+        return sum(_run_all([lambda r=r, lay=lay: _stream_upload(r, lay, step) for r, lay in layouts], workers))
     small = [(r, lay) for r, lay in layouts if lay.size <= step]
     big = [(r, lay) for r, lay in layouts if lay.size > step]
     uploads: list[tuple[Remote, _Layout, str]] = []
@@ -456,18 +467,19 @@ def upload_files(
             for k, start in enumerate(range(0, lay.size, step)):
                 jobs.append(lambda u=u, k=k, start=start, r=r, lay=lay, uid=upload_id:
                             etags.__setitem__((u, k), _upload_part(r, lay, uid, k + 1, start, step)))
-        with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
-            list(pool.map(lambda job: job(), jobs))
-        for u, (r, lay, upload_id) in enumerate(uploads):
+        _run_all(jobs, workers)
+        for u, (r, lay, upload_id) in list(enumerate(uploads)):
             bucket, key, _ = r.fs.split_path(r.path)
             n = len(range(0, lay.size, step))
             parts = [{"PartNumber": k + 1, "ETag": etags[(u, k)]} for k in range(n)]
             r._call("cannot complete the multipart upload", r.fs.call_s3, "complete_multipart_upload",
                     Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+            uploads[u] = (r, lay, "")  # complete: nothing to abort
         uploads = []
     finally:
         for r, _lay, upload_id in uploads:  # a failure: abort what was started (best effort)
-            _abort(r, upload_id)
+            if upload_id:
+                _abort(r, upload_id)
         folder.fs.invalidate_cache(folder.path)
     return sum(lay.size for _r, lay in layouts)
 
@@ -532,9 +544,7 @@ def upload_tree(local: Path, folder: Remote, skip: Iterable[str] = ()) -> dict[s
                 continue
             out[rel] = p.stat().st_size
             jobs.append((p, folder.join(rel)))
-    if jobs:
-        with ThreadPoolExecutor(min(concurrency(), len(jobs))) as pool:
-            list(pool.map(lambda job: job[1].put_file(job[0]), jobs))
+    _run_all([lambda job=job: job[1].put_file(job[0]) for job in jobs], concurrency())
     folder.fs.invalidate_cache(folder.path)
     return out
 

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod header;
 pub mod layout;
+pub mod regions;
 pub mod shards;
 pub mod writer;
 

@@ -65,7 +65,7 @@ pub fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
         })
 }
 
-fn effective_threads(threads: usize) -> usize {
+pub(crate) fn effective_threads(threads: usize) -> usize {
     let n = if threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -209,7 +209,7 @@ fn create_temp(path: &Path) -> io::Result<(PathBuf, File)> {
 /// a full disk fails here, before any data is written, and the filesystem allocates extents in one
 /// go (measured ~25% faster writes on ext4). On tmpfs, where `fallocate` zero-fills pages that are
 /// about to be overwritten (measured ~15% slower), and where it is unsupported, only the length is set.
-fn reserve(file: &File, size: u64) -> io::Result<()> {
+pub(crate) fn reserve(file: &File, size: u64) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::io::AsRawFd;
@@ -428,7 +428,7 @@ fn populate_read_supported() -> bool {
 
 /// Bring the pages of `data` into memory in one call before it is written: a memory-mapped source
 /// would otherwise be faulted in 4 KiB at a time inside `write`. Advice only: errors are ignored.
-fn prefault(data: &[u8]) {
+pub(crate) fn prefault(data: &[u8]) {
     if data.len() < PREFAULT_MIN {
         return;
     }

@@ -547,7 +547,7 @@ def test_trained_weights_are_written(family: str, data: st.DataObject) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_save_ops_are_lazy(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Building the ops runs no transform (no concatenation, permutation, table rebuild): ``make`` does."""
-    from shardwise.convert import llama, llama3_vision
+    from shardwise.convert import base, llama3_vision
 
     hf, cfg_dict = FAMILIES[family].make(P(layers=3, inv_freq=True, bias=True, extra=(("moe", [1]),)))
     cfg = ModelConfig(cfg_dict)
@@ -562,8 +562,7 @@ def test_save_ops_are_lazy(family: str, monkeypatch: pytest.MonkeyPatch) -> None
         return wrapped
 
     monkeypatch.setattr(torch, "cat", spy("cat", torch.cat))
-    monkeypatch.setattr(llama, "permute_to_hf", spy("permute", llama.permute_to_hf))
-    monkeypatch.setattr(llama3_vision, "permute_to_hf", spy("permute", llama3_vision.permute_to_hf))
+    monkeypatch.setattr(base, "permute_to_hf", spy("permute", base.permute_to_hf))  # every permuted_op's
     monkeypatch.setattr(llama3_vision, "tiles_tune_to_hf", spy("tiles", llama3_vision.tiles_tune_to_hf))
     ops = conv.tune_to_hf_ops(res.tune, cfg, res.aside)
     assert calls == []

@@ -73,6 +73,21 @@ def write_files(
 ) -> int:
     """``write_file`` for several files sharing one thread pool; all-or-nothing per file."""
 
+def create_files(files: Sequence[tuple[str, Buffer, int]], fsync: bool = True) -> None:
+    """Create every file (it must not exist) at its final size with its header written at offset 0;
+    the header's data area must end exactly at the size. All-or-nothing (the distributed save's
+    coordinator pre-creates the final files this way)."""
+
+def write_regions(
+    files: Sequence[tuple[str, Sequence[tuple[Buffer, Buffer]]]],
+    fsync: bool = True,
+    threads: int = 0,
+) -> int:
+    """Write byte ranges into existing files: per file, (buffer, segments) pairs where segments is a
+    C-contiguous int64 array of (src offset in the buffer, dst offset in the file, length) triples.
+    Runs contiguous in the file go out as one ``pwritev``; everything is validated (bounds, no two
+    segments overlapping in a file) before the first write; GIL released. Returns the bytes written."""
+
 def fsync_dir(path: str) -> None:
     """fsync a directory so that renames inside it are durable."""
 

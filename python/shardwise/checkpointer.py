@@ -65,6 +65,9 @@ from .recipe_state import (
 from .remote import is_url
 from .shards import SourceFile, load_merged, read_sources, with_file
 
+#: ``recipe_state.pt`` of a collective save lists its DCP-saved keys under this name (dcp.collective)
+SHARDED_KEYS = "_shardwise_dcp_keys"
+
 if TYPE_CHECKING:
     from .remote_dirs import RemoteDirs
 
@@ -362,7 +365,12 @@ class FullModelHFCheckpointer:
         if self._adapter_checkpoint is not None:
             state[ADAPTER_KEY] = self._load_adapter(self._adapter_checkpoint)
         if self._should_load_recipe_state and self._recipe_checkpoint is not None:
-            state.update(load_recipe_state(self._recipe_checkpoint))
+            recipe = load_recipe_state(self._recipe_checkpoint)
+            if SHARDED_KEYS in recipe:  # a collective save wrote the optimizer state with DCP
+                from .dcp.collective import load_sharded_recipe_state
+
+                recipe = load_sharded_recipe_state(self._output_dir, recipe)
+            state.update(recipe)
         return state
 
     def _load_adapter(self, path: Path) -> dict[str, torch.Tensor]:
@@ -430,6 +438,20 @@ class FullModelHFCheckpointer:
             _check_tensors(adapter, "adapter")
 
         final = self._output_dir / f"{dir_prefix}_{number}"
+        if _sharded(model, adapter):
+            if self._remote_out:
+                where = self._remote.output.url  # type: ignore[union-attr]
+                raise NotImplementedError(
+                    f"a sharded (DTensor) state dict cannot be saved to object storage yet ({where}): "
+                    "save to a local or mounted output_dir"
+                )
+            from .dcp.collective import save_collective
+
+            save_collective(self, state_dict, model, adapter, final, intermediate_checkpoint, cap)
+            logger.info("Checkpoint saved to %s (collectively: every rank wrote its own rows)", final)
+            if self._keep_last_n is not None and _is_rank_zero():
+                self._prune(dir_prefix, keep=final.name)
+            return
         self._output_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_leftovers(self._output_dir)
         staging = self._output_dir / f".{final.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -628,6 +650,24 @@ class FullModelHFCheckpointer:
             logger.info("Removed old checkpoint %s (keep_last_n_checkpoints=%d)", name, self._keep_last_n)
         if surplus and self._fsync:
             _core.fsync_dir(str(self._output_dir))
+
+
+def _sharded(*dicts: Mapping[str, Any] | None) -> bool:
+    """True when a state dict holds DTensors (FSDP2 / tensor parallel): such a save is collective.
+    Checked without importing torch.distributed.tensor unless torch.distributed is in use."""
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(d is not None and any(isinstance(v, DTensor) for v in d.values()) for d in dicts)
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _check_tensors(d: Any, what: str) -> None:

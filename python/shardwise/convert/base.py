@@ -22,6 +22,7 @@ __all__ = [
     "KeyTable",
     "LoadResult",
     "Op",
+    "RowSource",
     "identity_op",
     "materialize",
     "same_layout",
@@ -34,18 +35,58 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
+class RowSource:
+    """Rows of ``tensor`` that an op writes unchanged, from row ``dst_row`` of its output on; with
+    ``heads`` > 0 in HF's RoPE order (tune row ``r`` lands at ``dst_row + P(r)``, see ``dcp``).
+
+    This is what lets a distributed save write each rank's rows straight to their final place
+    without running ``make()`` on a full tensor: every row's destination follows from its index.
+    """
+
+    tensor: Tensor
+    dst_row: int = 0
+    heads: int = 0
+    head_dim: int = 0
+
+
+@dataclass(frozen=True)
 class Op:
-    """One output tensor of a tune→HF conversion, computed only when ``make()`` is called."""
+    """One output tensor of a tune→HF conversion, computed only when ``make()`` is called.
+
+    ``rows`` describes the same result as a row map of source tensors (identity, RoPE permutation,
+    concatenation along dim 0) when it is one; None when ``make()`` does more (e.g. concatenates along
+    the last dim), so a distributed save must materialise it.
+    """
 
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     make: Callable[[], Tensor]
+    rows: tuple[RowSource, ...] | None = None
 
 
 def identity_op(key: str, t: Tensor) -> Op:
     """An op that returns ``t`` itself under ``key``."""
-    return Op(key, t.dtype, tuple(t.shape), lambda: t)
+    return Op(key, t.dtype, tuple(t.shape), lambda: t, (RowSource(t),))
+
+
+def permuted_op(key: str, t: Tensor, heads: int, head_dim: int, src_key: str = "") -> Op:
+    """An op that returns ``t`` in HF's RoPE row order (``permute_to_hf``)."""
+    return Op(
+        key, t.dtype, tuple(t.shape), lambda: permute_to_hf(t, heads, head_dim, src_key),
+        (RowSource(t, 0, heads, head_dim),),
+    )
+
+
+def concat_rows_op(key: str, parts: list[Tensor], sources: list[RowSource] | None = None) -> Op:
+    """An op that concatenates ``parts`` along dim 0 (fused HF projections)."""
+    rows = sum(p.shape[0] for p in parts)
+    if sources is None:
+        sources, at = [], 0
+        for p in parts:
+            sources.append(RowSource(p, at))
+            at += p.shape[0]
+    return Op(key, parts[0].dtype, (rows, *parts[0].shape[1:]), lambda: torch.cat(parts, dim=0), tuple(sources))
 
 
 def same_layout(a: Tensor, b: Tensor) -> bool:
@@ -84,6 +125,8 @@ def tied_op(key: str, current: Tensor, kept: Tensor, original: Tensor | None = N
             return kept
         return current
 
+    # no row map: which bytes are written depends on comparing whole tensors (a distributed save
+    # gathers ``current`` for this one key)
     return Op(key, current.dtype, tuple(current.shape), make)
 
 

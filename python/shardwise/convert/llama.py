@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..config import ModelConfig
-from .base import Converter, KeyTable, LoadResult, Op, identity_op, permute_to_hf, permute_to_tune, tied_op
+from .base import Converter, KeyTable, LoadResult, Op, identity_op, permute_to_tune, permuted_op, tied_op
 
 __all__ = ["LLAMA_PAIRS", "LLAMA_TABLE", "LlamaConverter", "attention_dims", "llama_pairs"]
 
@@ -105,10 +105,7 @@ class LlamaConverter(Converter):
             if heads is None:
                 ops.append(identity_op(new, t))
             else:
-                ops.append(
-                    Op(new, t.dtype, tuple(t.shape),
-                       lambda t=t, h=heads, k=key: permute_to_hf(t, h, head_dim, k))
-                )
+                ops.append(permuted_op(new, t, heads, head_dim, key))
         if _LM_HEAD in aside and "output.weight" not in tune and "tok_embeddings.weight" in tune:
             ops.append(tied_op(_LM_HEAD, tune["tok_embeddings.weight"], aside[_LM_HEAD], aside.get(_EMBED)))
         return self.append_aside(ops, aside)

@@ -19,7 +19,17 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, ConversionError
-from .base import Converter, KeyTable, LoadResult, Op, equal_values, identity_op, permute_to_hf, permute_to_tune
+from .base import (
+    Converter,
+    KeyTable,
+    LoadResult,
+    Op,
+    concat_rows_op,
+    equal_values,
+    identity_op,
+    permute_to_tune,
+    permuted_op,
+)
 
 __all__ = ["LLAMA3_VISION_TABLE", "Llama3VisionConverter", "VisionDims"]
 
@@ -318,7 +328,7 @@ class Llama3VisionConverter(Converter):
             heads = dims.n_kv
         if heads is None:
             return identity_op(new, t)
-        return Op(new, t.dtype, tuple(t.shape), lambda: permute_to_hf(t, heads, dims.head_dim, key))
+        return permuted_op(new, t, heads, dims.head_dim, key)
 
     def tune_to_hf_ops(
         self, tune: Mapping[str, torch.Tensor], cfg: ModelConfig, aside: Mapping[str, torch.Tensor]
@@ -339,8 +349,7 @@ class Llama3VisionConverter(Converter):
                             f'"{_FUSION_TOK}": dtype {fusion.dtype} / shape {tuple(fusion.shape)} cannot '
                             f'be concatenated with "{_TOK}" ({t.dtype} / {tuple(t.shape)})'
                         )
-                    shape = (t.shape[0] + fusion.shape[0], *t.shape[1:])
-                    ops.append(Op(_EMBED, t.dtype, shape, lambda t=t, f=fusion: torch.cat([t, f], dim=0)))
+                    ops.append(concat_rows_op(_EMBED, [t, fusion]))
             elif key == _FUSION_TOK:
                 if _TOK not in tune:
                     raise ConversionError(f'"{key}" is in the state dict without "{_TOK}"')

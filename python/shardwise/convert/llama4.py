@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConversionError
-from .base import Converter, KeyTable, LoadResult, Op, identity_op
+from .base import Converter, KeyTable, LoadResult, Op, RowSource, identity_op
 
 __all__ = ["LLAMA4_TABLE", "Llama4Converter"]
 
@@ -149,7 +149,7 @@ class Llama4Converter(Converter):
             assert new is not None
             if key == _PATCH_TUNE and t.dim() == 4:
                 ops.append(Op(new, t.dtype, (t.shape[0], math.prod(t.shape[1:])),
-                              lambda t=t: t.reshape(t.shape[0], -1)))
+                              lambda t=t: t.reshape(t.shape[0], -1), (RowSource(t),)))
             else:
                 ops.append(identity_op(new, t))
         return self.append_aside(ops, aside)

@@ -9,7 +9,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConversionError
-from .base import Converter, KeyTable, LoadResult, Op, identity_op
+from .base import Converter, KeyTable, LoadResult, Op, concat_rows_op, identity_op
 from .llama import attention_dims
 
 __all__ = ["PHI3_TABLE", "Phi3Converter"]
@@ -107,11 +107,7 @@ class Phi3Converter(Converter):
                 _check_fusable(names, parts)
                 new = inverse.map(fused_tune, self.family)
                 assert new is not None
-                rows = sum(p.shape[0] for p in parts)
-                ops.append(
-                    Op(new, parts[0].dtype, (rows, *parts[0].shape[1:]),
-                       lambda parts=parts: torch.cat(parts, dim=0))
-                )
+                ops.append(concat_rows_op(new, parts))
                 continue
             new = inverse.map(key, self.family)
             assert new is not None

@@ -1,0 +1,27 @@
+"""shardwise for ``torch.distributed.checkpoint``: every rank writes (and reads) its own bytes of the
+final Hugging Face shard files — no gather onto rank 0, no per-rank files, no consolidation pass.
+
+- ``HFStorageWriter`` / ``HFStorageReader``: a StorageWriter / StorageReader for ``dcp.save`` /
+  ``dcp.load`` (drop-in for torch's ``HuggingFaceStorageWriter`` / ``HuggingFaceStorageReader``).
+- ``save`` / ``load``: the same with cleanup on failure and clear errors.
+
+All ranks must share the output filesystem (as torch's own consolidation requires).
+"""
+
+from __future__ import annotations
+
+from ._plan import HF_PREFIX, SourceLayout, plan_layout
+from .api import is_sharded, load, save
+from .reader import HFStorageReader
+from .writer import HFStorageWriter
+
+__all__ = [
+    "HF_PREFIX",
+    "HFStorageReader",
+    "HFStorageWriter",
+    "SourceLayout",
+    "is_sharded",
+    "load",
+    "plan_layout",
+    "save",
+]

@@ -1,0 +1,98 @@
+"""``save`` / ``load``: ``dcp.save`` / ``dcp.load`` with shardwise's HF storage, cleanup and clear errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+
+from ..config import ModelConfig
+from ..convert.base import Converter
+from ..errors import CheckpointError, CheckpointIOError
+from ._plan import SourceLayout
+from .reader import HFStorageReader
+from .writer import HFStorageWriter
+
+__all__ = ["is_sharded", "load", "save", "unwrap"]
+
+
+def is_sharded(tensors: Mapping[str, Any]) -> bool:
+    """True when any value is a ``DTensor`` (a sharded state dict, saved collectively)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in tensors.values())
+
+
+def unwrap(e: CheckpointException, what: str) -> CheckpointError:
+    """One clear shardwise error for DCP's per-rank failure report (which is a ``BaseException``)."""
+    failures = e.failures
+    ranks = sorted(failures)
+    first = failures[ranks[0]][0] if ranks else e
+    msg = f"distributed {what} failed on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {first}"
+    if isinstance(first, OSError):
+        err: CheckpointError = CheckpointIOError(first.errno or 5, msg, getattr(first, "filename", None))
+    else:
+        err = CheckpointError(msg)
+    err.failures = failures  # type: ignore[attr-defined]
+    return err
+
+
+def save(
+    state_dict: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    source: SourceLayout | None = None,
+    fqn_to_index_mapping: Mapping[str, int] | None = None,
+    max_shard_size: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    fsync: bool = True,
+    publish: bool = True,
+    side_files: Callable[[Path], None] | None = None,
+) -> HFStorageWriter:
+    """Collectively write ``state_dict`` (DTensors and/or plain tensors) as the HF folder ``path``;
+    call on every rank. A failure on any rank fails every rank and publishes nothing. Returns the
+    writer (its ``staging`` is the unpublished folder when ``publish=False``)."""
+    writer = HFStorageWriter(
+        path, fqn_to_index_mapping, source=source, max_shard_size=max_shard_size,
+        fsync=fsync, publish=publish, side_files=side_files,
+    )
+    try:
+        dcp.save(dict(state_dict), storage_writer=writer, process_group=process_group)
+    except CheckpointException as e:
+        writer.abort()
+        raise unwrap(e, "save") from None
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
+
+
+def load(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    converter: Converter | None = None,
+    model_type: str | None = None,
+    config: ModelConfig | Mapping[str, Any] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> dict[str, Any]:
+    """Load the HF folder ``path`` into ``state_dict`` in place (DTensors get their own rows only);
+    keys are HF keys, or torchtune keys with ``model_type`` (or a ``converter``). Call on every rank."""
+    if converter is None and model_type is not None:
+        from ..checkpointer import _model_type
+        from ..convert import get_converter
+
+        converter = get_converter(_model_type(model_type))
+    reader = HFStorageReader(path, converter=converter, config=config)
+    try:
+        dcp.load(state_dict, storage_reader=reader, process_group=process_group)
+    except CheckpointException as e:
+        raise unwrap(e, "load") from None
+    return state_dict
+
+

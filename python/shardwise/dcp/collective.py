@@ -1,0 +1,279 @@
+"""``FullModelHFCheckpointer.save_checkpoint`` on every rank with DTensor values: the collective save.
+
+Every rank writes its own rows of the final HF shards through ``HFStorageWriter`` (no gather of the
+model). Adapters (small) are gathered and written by rank 0 with the side files, before the folder is
+published; recipe state with sharded values (the optimizer) is written sharded by DCP's own
+``FileSystemWriter`` under ``output_dir/recipe_state/``, next to ``recipe_state.pt``, which records
+where it is. Rank 0 publishes everything only after every rank has written and fsynced; a failure
+anywhere fails every rank and publishes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
+from torch.distributed.tensor import DTensor, Shard
+
+from .. import _core
+from ..constants import RECIPE_STATE_DIRNAME
+from ..convert.base import Op
+from ..errors import CheckpointError
+from ..layout import made
+from ..paths import STAGING_MARK, copy_files
+from ..recipe_state import commit, recipe_keys, stage_torch_save
+from ._plan import HF_PREFIX, SourceLayout
+from .api import save, unwrap
+
+if TYPE_CHECKING:
+    from ..checkpointer import FullModelHFCheckpointer
+
+__all__ = ["SHARDED_KEYS", "load_sharded_recipe_state", "save_collective"]
+
+#: recorded in ``recipe_state.pt`` by a collective save: the recipe keys saved sharded with DCP, and
+#: the folder (relative to ``output_dir``) that holds them
+SHARDED_KEYS = "_shardwise_dcp_keys"  # the same name as checkpointer.SHARDED_KEYS
+SHARDED_DIR = "_shardwise_dcp_dir"
+
+
+def _has_dtensor(obj: Any) -> bool:
+    if isinstance(obj, DTensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_has_dtensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_dtensor(v) for v in obj)
+    return False
+
+
+#: stands in ``recipe_state.pt`` for a DTensor saved with DCP under the name that follows it
+_LEAF = "__shardwise_dcp_leaf__"
+
+
+def _split_leaves(obj: Any, path: str, leaves: dict[str, DTensor]) -> Any:
+    """``obj`` with every DTensor replaced by a ``(_LEAF, name)`` marker (the DTensor goes to
+    ``leaves[name]``), keeping every container type and key (DCP alone would turn int keys into str)."""
+    if isinstance(obj, DTensor):
+        leaves[path] = obj
+        return (_LEAF, path)
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _split_leaves(v, f"{path}.{k}", leaves)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_split_leaves(v, f"{path}.{i}", leaves) for i, v in enumerate(obj))
+    return obj
+
+
+def _fill_leaves(obj: Any, leaves: Mapping[str, torch.Tensor], where: Path) -> Any:
+    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _LEAF:
+        if obj[1] not in leaves:
+            raise CheckpointError(f"{where}: the sharded recipe state has no tensor {obj[1]!r}")
+        return leaves[obj[1]]
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _fill_leaves(v, leaves, where)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill_leaves(v, leaves, where) for v in obj)
+    return obj
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _closure_tensors(op: Op) -> list[torch.Tensor]:
+    """The tensors an op's ``make`` reads (its closure and default arguments)."""
+    found: list[torch.Tensor] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y)
+        elif isinstance(x, Mapping):
+            for y in x.values():
+                visit(y)
+
+    fn = op.make
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            visit(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    for d in getattr(fn, "__defaults__", None) or ():
+        visit(d)
+    return found
+
+
+def _materialize_non_row_ops(
+    ck: FullModelHFCheckpointer, model: Mapping[str, Any], world: int, rank: int
+) -> dict[str, Any]:
+    """Keys whose conversion is no row map (Llama4's fused experts, vision tile tables) cannot be written
+    rows-first: their inputs are gathered (collective, one key at a time, the same order on every rank),
+    converted, and the HF result is handed to the writer as a tensor sharded on dim 0 again, so no rank
+    keeps more than its share."""
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.items()}
+    owner = {id(t): k for k, t in meta.items()}
+    ops = ck._converter.tune_to_hf_ops(meta, ck._config, ck._aside)
+    todo = [op for op in ops if op.rows is None]
+    if not todo:
+        return dict(model)
+    out = dict(model)
+    mesh = next((v.device_mesh for v in model.values() if isinstance(v, DTensor)), None)
+    needed: list[str] = []
+    for op in todo:
+        for t in _closure_tensors(op):
+            k = owner.get(id(t))
+            if k is not None and k not in needed:
+                needed.append(k)
+    full = {k: _full(model[k]) for k in needed}  # collective, same order on every rank
+    real = ck._converter.tune_to_hf_ops({**{k: v for k, v in meta.items() if k not in full}, **full},
+                                        ck._config, ck._aside)
+    wanted = {op.key for op in todo}
+    for op in real:
+        if op.key not in wanted:
+            continue
+        t = made(op)
+        if mesh is not None and t.dim() > 0:
+            t = DTensor.from_local(
+                torch.tensor_split(t, world, dim=0)[rank].contiguous(), mesh, [Shard(0)],
+                shape=t.shape, stride=t.stride(),
+            )
+        out[HF_PREFIX + op.key] = t
+    for k in needed:  # consumed by the HF tensors above; the other ops need only what is left
+        used_elsewhere = any(owner.get(id(rs.tensor)) == k for o in ops if o.rows for rs in o.rows)
+        if not used_elsewhere:
+            out.pop(k, None)
+    return out
+
+
+def save_collective(
+    ck: FullModelHFCheckpointer,
+    state_dict: Mapping[str, Any],
+    model: Mapping[str, Any] | None,
+    adapter: Mapping[str, Any] | None,
+    final: Path,
+    intermediate_checkpoint: bool,
+    cap: int | None,
+) -> None:
+    """The collective form of ``save_checkpoint``; see the module docstring. Call on every rank."""
+    if not dist.is_initialized():
+        raise CheckpointError("a state dict with DTensors is saved collectively: initialise torch.distributed first")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    coord = rank == 0
+    ck._ensure_sources()
+    adapter_full = {k: _full(v) for k, v in adapter.items()} if adapter is not None else None
+    out_sd = _materialize_non_row_ops(ck, model, world, rank) if model is not None else {}
+
+    def side_files(staging: Path) -> None:  # rank 0, inside finish, before anything is published
+        ck._write_adapter_files(state_dict, adapter_full, staging)
+        copy_files(ck._checkpoint_dir, staging)
+
+    source = SourceLayout(
+        converter=ck._converter, config=ck._config, aside=ck._aside,
+        sources=ck._sources, key_source=ck._key_source,
+        original_index=(ck._orig_index[1], ck._orig_index[2]) if ck._orig_index is not None else None,
+        had_index=ck._orig_index is not None or len(ck._sources) > 1,
+    )    # the model folder: every rank writes its rows; rank 0 adds adapters and side files
+    writer = save(out_sd, final, source=source, max_shard_size=cap, fsync=ck._fsync, publish=False,
+                  side_files=side_files)
+    opt_tmp: Path | None = None
+    recipe_tmp: Path | None = None
+    recipe_path = ck._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
+    sharded_dir = ck._output_dir / RECIPE_STATE_DIRNAME / "sharded"
+    try:
+        if intermediate_checkpoint:
+            recipe = recipe_keys(state_dict, final.name)
+            sharded = sorted(k for k, v in recipe.items() if _has_dtensor(v))
+            if sharded:
+                name = f".sharded{STAGING_MARK}{uuid.uuid4().hex[:8]}"
+                name = _broadcast(name)
+                opt_tmp = sharded_dir.parent / name
+                leaves: dict[str, DTensor] = {}
+                recipe = {k: (_split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
+                try:
+                    dcp.save(leaves, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck._fsync))
+                except CheckpointException as e:
+                    raise unwrap(e, "save of the sharded recipe state") from None
+                recipe[SHARDED_KEYS] = sharded
+                recipe[SHARDED_DIR] = f"{RECIPE_STATE_DIRNAME}/{sharded_dir.name}"
+            if coord:
+                recipe_tmp = stage_torch_save(
+                    recipe, recipe_path, fsync=ck._fsync,
+                    tmp=ck._output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
+                )
+        error: str | None = None
+        if coord:
+            try:
+                assert writer.staging is not None
+                _core.publish_dir(str(writer.staging), str(final))
+                writer.staging = None
+                if opt_tmp is not None:
+                    _core.publish_dir(str(opt_tmp), str(sharded_dir))
+                    opt_tmp = None
+                if recipe_tmp is not None:
+                    commit(recipe_tmp, recipe_path, fsync=ck._fsync)
+                    recipe_tmp = None
+            except BaseException as e:  # noqa: BLE001 - every rank must learn of it
+                error = f"{type(e).__name__}: {e}"
+                _broadcast(error)
+                raise
+        error = _broadcast(error)
+        if error is not None:
+            raise CheckpointError(f"rank 0 could not publish {final}: {error}")
+    finally:
+        if coord:
+            writer.abort()
+            if opt_tmp is not None:
+                shutil.rmtree(opt_tmp, ignore_errors=True)
+            if recipe_tmp is not None:
+                recipe_tmp.unlink(missing_ok=True)
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Merge back the recipe keys a collective save wrote sharded (as full, unsharded values, the
+    form ``load_checkpoint`` has always returned); ``state`` is what ``recipe_state.pt`` held."""
+    keys = state.pop(SHARDED_KEYS, None)
+    folder = state.pop(SHARDED_DIR, None)
+    if not keys:
+        return state
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = output_dir / str(folder)
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"{path}: the sharded recipe state ({', '.join(keys)}) recorded in recipe_state.pt is missing"
+        )
+    leaves: dict[str, Any] = {}
+    _load_state_dict(leaves, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    flat = _flatten(leaves)
+    for k in keys:
+        state[k] = _fill_leaves(state[k], flat, path)
+    return state
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """DCP's loader nests dotted names again; the markers name the dotted form."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{name}."))
+        else:
+            out[name] = v
+    return out

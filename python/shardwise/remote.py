@@ -59,6 +59,8 @@ _MIN_PART = 5 * 1024 * 1024
 #: a save whose progress record is this old is dead even when its host cannot be asked
 STALE_SAVE_AGE = 3600.0
 
+#: the names of checkpoint folders in an output_dir (the ones the marker rule applies to)
+CHECKPOINT_NAME = re.compile(r"^(epoch|step)_\d+$")
 _URL = re.compile(r"^(?P<proto>[A-Za-z][A-Za-z0-9+.\-]*)://")
 _EXTRA = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,8 +26,6 @@ from .paths import checkpoint_file_names
 __all__ = ["RemoteDirs"]
 
 logger = logging.getLogger("shardwise")
-
-_CKPT = re.compile(r"^(epoch|step)_\d+$")
 
 
 class RemoteDirs:
@@ -106,7 +103,7 @@ class RemoteDirs:
                         wanted.add(latest)
                         break
         for entry in list(self.local_output.iterdir()):
-            if entry.is_dir() and _CKPT.match(entry.name) and entry.name not in wanted:
+            if entry.is_dir() and rm.CHECKPOINT_NAME.match(entry.name) and entry.name not in wanted:
                 shutil.rmtree(entry, ignore_errors=True)  # a local copy of a folder we do not read
         for name in sorted(wanted):
             self._fetch_folder(name)

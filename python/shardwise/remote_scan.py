@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -20,22 +19,12 @@ from typing import Any
 from . import remote as rm
 from ._scan import (
     TORCH_SUFFIXES,
-    FileInfo,
-    Index,
     Scan,
-    _from_header,
-    _one_line,
-    _torch_info,
-    file_format,
-    is_weight_file,
-    parse_index,
+    scan_folder,
 )
-from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .errors import CheckpointError, CheckpointIOError
 
-__all__ = ["RemotePath", "completeness_problems", "local_copy", "publish_folder", "read_remote_files", "scan_remote"]
-
-_CKPT = re.compile(r"^(epoch|step)_\d+$")
+__all__ = ["RemotePath", "completeness_problems", "local_copy", "header_readers", "publish_folder", "scan_remote"]
 
 
 class RemotePath:
@@ -47,6 +36,7 @@ class RemotePath:
     def __init__(self, r: rm.Remote, info: dict[str, Any] | None = None) -> None:
         self.remote = r
         self._info = info
+        self._looked_up = info is not None  # its parent's listing said whether it exists
         self._children: dict[str, dict[str, Any]] | None = None
 
     def __truediv__(self, name: str | os.PathLike[str]) -> RemotePath:
@@ -54,6 +44,7 @@ class RemotePath:
         child = RemotePath(self.remote.join(rel))
         if "/" not in rel:
             child._info = self.children.get(rel)
+            child._looked_up = True
         return child
 
     def __str__(self) -> str:
@@ -72,7 +63,8 @@ class RemotePath:
         return self._children
 
     def info(self) -> dict[str, Any] | None:
-        if self._info is None:
+        if self._info is None and not self._looked_up:
+            self._looked_up = True
             try:
                 self._info = self.remote.fs.info(self.remote.path)
             except FileNotFoundError:
@@ -122,64 +114,36 @@ def scan_remote(url: str) -> Scan:
 
 
 def _scan_folder(folder: RemotePath, index_name: str | None = None) -> Scan:
-    from . import _core
-
-    names = folder.children
-    files = {n for n, i in names.items() if i.get("type") != "directory"}
-    if index_name is None:
-        for candidate in (SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME, *sorted(files)):
-            if candidate.endswith(".index.json") and candidate in files:
-                index_name = candidate
-                break
-    index = None
-    if index_name is not None:
-        raw = (folder / index_name).read_bytes()
-        data, problem = parse_index(raw, index_name)
-        index = Index(index_name, raw, data, problem)
-    weights = [n for n in files if is_weight_file(n)]
-    if index is not None:
-        fmt = "torch" if ".bin." in index.name or ".pt." in index.name else "safetensors"
-    else:
-        fmt = "safetensors" if any(file_format(n) == "safetensors" for n in weights) else "torch"
-    present = {n for n in weights if file_format(n) == fmt}
-    listed = set(index.weight_map.values()) if index is not None else set()
-    shards = _core.sort_shard_names(sorted(present | listed))
-    if index is None and not shards:
-        if _CKPT.match(folder.name) or rm.SAVING_MARKER in files:
-            return Scan(folder, False, None, [])  # type: ignore[arg-type] # a save that did not get far
-        raise CheckpointError(f"{folder}: no checkpoint files (*.safetensors, *.bin, *.pt, *.pth) and no index")
-    return Scan(folder, False, index, list(shards), listed, present)  # type: ignore[arg-type]
-
-
-def read_remote_files(root: RemotePath, names: Sequence[str], *, strict: bool = False) -> list[FileInfo]:
-    """``_scan.read_files`` for a remote folder: safetensors headers by ranged reads (in parallel);
-    a torch file has no header, so it is downloaded into the cache and opened there."""
-    out: dict[str, FileInfo] = {}
-    st: list[tuple[str, RemotePath]] = []
-    for name in names:
-        p = root / name
-        if not p.is_file():
-            if strict:
-                raise CheckpointIOError(errno.ENOENT, "no such file", str(p))
-            out[name] = FileInfo(name, file_format(name), error="missing")
-        elif file_format(name) == "safetensors":
-            st.append((name, p))
-        else:
-            local = rm.mirror_folder(root.remote) / name
-            rm.download([(p.remote, p.info() or {}, local)])
-            out[name] = _torch_info(name, local, strict)
+    """``_scan.scan_folder`` on the listing; an ``epoch_N`` folder (or one a save is writing) without
+    any shard yet is an incomplete checkpoint for ``verify``, not a bad argument."""
     try:
-        headers = rm.read_headers([(p.remote, p.stat().st_size) for _, p in st])
-        out.update({n: _from_header(n, h) for (n, _), h in zip(st, headers)})
-    except (CheckpointError, OSError):
-        if strict:
-            raise
-        for n, p in st:  # find every bad file, not only the first
-            try:
-                out[n] = _from_header(n, rm.read_header(p.remote, p.stat().st_size))
-            except (CheckpointError, OSError) as e:
-                out[n] = FileInfo(n, "safetensors", p.stat().st_size, error=_one_line(e))
-    return [out[n] for n in names]
+        return scan_folder(folder, index_name)  # type: ignore[arg-type]
+    except CheckpointError:
+        if rm.CHECKPOINT_NAME.match(folder.name) or rm.SAVING_MARKER in folder.children:
+            return Scan(folder, False, None, [])  # type: ignore[arg-type]
+        raise
+
+
+def header_readers(
+    threads: int = 0,
+) -> tuple[
+    Callable[[Sequence[RemotePath]], list[Any]], Callable[[RemotePath], Any], Callable[[RemotePath], Path]
+]:
+    """How ``_scan.read_files`` reads a remote folder: safetensors headers by ranged reads (many in
+    parallel, or one); a torch file has no header, so it is downloaded into the cache and opened there."""
+
+    def read_many(paths: Sequence[RemotePath]) -> list[Any]:
+        return rm.read_headers([(p.remote, p.stat().st_size) for p in paths], threads or None)
+
+    def read_one(p: RemotePath) -> Any:
+        return rm.read_header(p.remote, p.stat().st_size)
+
+    def torch_file(p: RemotePath) -> Path:
+        local = rm.mirror_folder(p.remote)
+        rm.download([(p.remote, p.info() or {}, local)])
+        return local
+
+    return read_many, read_one, torch_file
 
 
 def completeness_problems(s: Scan) -> list[tuple[str, str, str | None, str | None]]:
@@ -192,7 +156,7 @@ def completeness_problems(s: Scan) -> list[tuple[str, str, str | None, str | Non
     children = root.children
     listed = rm.marker_problems(root.remote, children)
     if listed is None:
-        if _CKPT.match(root.name) or rm.SAVING_MARKER in children:
+        if rm.CHECKPOINT_NAME.match(root.name) or rm.SAVING_MARKER in children:
             return [("incomplete", f"{root}: no {rm.COMPLETE_MARKER}: a save that did not finish (or is running)",
                      None, None)]
         return []

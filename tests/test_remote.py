@@ -512,3 +512,15 @@ def test_any_fsspec_store_round_trips_byte_identical(hf, tmp_path) -> None:
                                    cache_dir=tmp_path / "cache2")
     down.save_checkpoint(down.load_checkpoint(), epoch=0)
     assert _files(tmp_path / "out" / "epoch_0") == _files(local)
+
+
+def test_a_side_file_deleted_remotely_is_not_copied_from_the_cache(s3, fs, bucket, hf, tmp_path) -> None:
+    local, names = hf
+    _upload(fs, local, f"s3://{bucket}/model")
+    cache = tmp_path / "cache"
+    _ckpt(s3, f"s3://{bucket}/model", names, str(tmp_path / "out"), cache).load_checkpoint()
+    fs.rm(f"{bucket}/model/tokenizer.json")
+    ck = _ckpt(s3, f"s3://{bucket}/model", names, str(tmp_path / "out"), cache)
+    ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
+    assert not (tmp_path / "out" / "epoch_0" / "tokenizer.json").exists()
+    assert (tmp_path / "out" / "epoch_0" / "config.json").exists()

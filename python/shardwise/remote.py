@@ -395,6 +395,13 @@ def mirror(
         if name in wanted or (not _weight_like(name) and int(info.get("size") or 0) <= max_side_file):
             jobs.append((r.join(name), info, local.joinpath(*name.split("/"))))
     download(jobs)
+    for root, dirs, names in os.walk(local):  # what the store no longer has must not be copied on
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for n in names:
+            p = Path(root) / n
+            if not n.startswith(".") and p.relative_to(local).as_posix() not in found:
+                p.unlink(missing_ok=True)
+                _stamp(p).unlink(missing_ok=True)
     return local
 
 

@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.deps-installed
 TT_STAMP := $(VENV)/.torchtune-installed
 
-.PHONY: venv build run test test-py test-rust bench bench-full clean
+.PHONY: venv build run test test-py test-rust bench bench-full bench-dcp clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,10 @@ bench: build
 
 bench-full: build
 	SHARDWISE_BENCH_GB=3 $(PY) -m pytest benches -q --benchmark-columns=min,median,max --benchmark-sort=name
+
+# The distributed save/load benchmark alone (2 ranks, ~1 GB; SHARDWISE_BENCH_GB, SHARDWISE_BENCH_ROUNDS)
+bench-dcp: build
+	$(PY) -m pytest benches/test_bench_dcp.py -q -s
 
 clean:
 	rm -rf target $(VENV) .pytest_cache .hypothesis .benchmarks

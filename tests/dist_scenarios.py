@@ -57,6 +57,8 @@ def save_checkpointer(rank: int, world: int, ckpt_dir: str, out_dir: str, model_
     sd = shard_dict(full, world, placements)
     state = {"model": sd, **(extra or {})}
     ck.save_checkpoint(state, epoch=epoch)
+    if change is not None and epoch == 1:  # also the unchanged weights, as epoch 0, in the same run
+        ck.save_checkpoint({"model": shard_dict(dict(tune), world, placements)}, epoch=0)
     return {"keys": sorted(full)}
 
 
@@ -160,11 +162,18 @@ def fsdp_saves(rank: int, world: int, ckpt_dir: str, out_dir: str, model_type: s
     names = [k for k, v in sd.items() if isinstance(v, DTensor)]
     opt = {"state": {i: {"exp_avg": sd[k] * 2, "step": torch.tensor(3.0)} for i, k in enumerate(names)},
            "param_groups": [{"lr": 0.1, "params": list(range(len(names)))}]}
-    ck.save_checkpoint({"model": sd, "optimizer": opt, "seed": 7, "epochs_run": 1}, epoch=1,
-                       intermediate_checkpoint=True)
+    g = torch.Generator().manual_seed(5)
+    dim = tune["layers.0.attn.q_proj.weight"].shape[1]
+    rows = tune["layers.0.attn.q_proj.weight"].shape[0]
+    adapter_full = {"layers.0.attn.q_proj.lora_a.weight": torch.randn(4, dim, generator=g),
+                    "layers.0.attn.q_proj.lora_b.weight": torch.randn(rows, 4, generator=g)}
+    adapter = shard_dict(adapter_full, world)
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "peft_type": "LORA"}
+    ck.save_checkpoint({"model": sd, "adapter": adapter, "adapter_config": cfg, "optimizer": opt, "seed": 7,
+                        "epochs_run": 1}, epoch=1, intermediate_checkpoint=True)
     full = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in sd.items()}
     exp_avg = {i: full[k] * 2 for i, k in enumerate(names)}
-    return {"full": full, "exp_avg": exp_avg} if rank == 0 else {}
+    return {"full": full, "exp_avg": exp_avg, "adapter": adapter_full, "adapter_config": cfg} if rank == 0 else {}
 
 
 def raw_cases(rank: int, world: int, cases: list[tuple[dict[str, torch.Tensor], dict[str, str]]], out: str) -> bool:
@@ -172,12 +181,16 @@ def raw_cases(rank: int, world: int, cases: list[tuple[dict[str, torch.Tensor], 
     and with torch's HuggingFaceStorageReader into plain tensors."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint import save as dcp_save
 
     from shardwise import dcp as sdcp
 
     for i, (full, placements) in enumerate(cases):
         path = f"{out}/{i}"
-        sdcp.save(shard_dict(full, world, placements), path)
+        if i % 2:  # torch's own entry point with the storage writer, as with HuggingFaceStorageWriter
+            dcp_save(shard_dict(full, world, placements), storage_writer=sdcp.HFStorageWriter(path))
+        else:
+            sdcp.save(shard_dict(full, world, placements), path)
         load_sharded(rank, world, path, None, full, placements)
         plain = {k: torch.empty_like(v) for k, v in full.items()}
         dcp_load(plain, storage_reader=HuggingFaceStorageReader(path))

@@ -48,8 +48,13 @@ def test_fsdp2_collective_saves_are_exact(tmp_path: Path, world: int) -> None:
     assert _files(tmp_path / "in") == _files(out / "epoch_0")  # shards, index and config.json
     ref = FullModelHFCheckpointer(str(tmp_path / "in"), names, "LLAMA3", str(tmp_path / "ref"))
     ref.load_checkpoint()
-    ref.save_checkpoint({"model": res[0]["full"]}, epoch=1)
+    ref.save_checkpoint({"model": res[0]["full"], "adapter": res[0]["adapter"],
+                         "adapter_config": res[0]["adapter_config"]}, epoch=1)
     assert _model_files(out / "epoch_1") == _model_files(tmp_path / "ref" / "epoch_1")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "config.json"):  # gathered adapters
+        assert (out / "epoch_1" / name).read_bytes() == (tmp_path / "ref" / "epoch_1" / name).read_bytes()
+    got = torch.load(out / "epoch_1" / "adapter_model.pt", weights_only=True)
+    assert all(torch.equal(got[k], v) for k, v in res[0]["adapter"].items()) and set(got) == set(res[0]["adapter"])
     assert sorted(os.listdir(out)) == ["epoch_0", "epoch_1", "recipe_state"]  # no staging leftovers
     resumed = FullModelHFCheckpointer(str(tmp_path / "in"), names, "LLAMA3", str(out), should_load_recipe_state=True)
     state = resumed.load_checkpoint()
@@ -57,17 +62,18 @@ def test_fsdp2_collective_saves_are_exact(tmp_path: Path, world: int) -> None:
     for i, t in res[0]["exp_avg"].items():
         assert torch.equal(state["optimizer"]["state"][i]["exp_avg"], t)
     assert state["optimizer"]["param_groups"] == [{"lr": 0.1, "params": list(range(len(res[0]["exp_avg"])))}]
-    for k, t in res[0]["full"].items():  # the weights resumed are the epoch_1 ones
-        assert torch.equal(state["model"][k], t), k
+    for k, t in res[0]["adapter"].items():  # a LoRA resume: the adapter saved with the recipe state
+        assert torch.equal(state["adapter"][k], t), k
 
 
-@pytest.mark.parametrize("family,world", [("LLAMA3_2", 2), ("LLAMA4", 2), ("PHI3_MINI", 4)])
+@pytest.mark.parametrize("family,world", [("LLAMA3_2", 2), ("LLAMA4", 4), ("PHI3_MINI", 3)])
 def test_families_through_the_checkpointer(tmp_path: Path, family: str, world: int) -> None:
     """Tied embeddings with a stored lm_head (whole-tensor comparison, gathered), Llama4's fused experts
-    (no row map: gathered and re-sharded), Phi3's fused qkv (several sources per HF tensor): unchanged
+    (no row map: gathered and re-sharded unevenly), Phi3's fused qkv (several sources per HF tensor): unchanged
     collective saves reproduce the input files; trained ones equal the single-process save."""
     p = P(layers=2, heads=4, kv_heads=2, head_dim=4, hidden=16, inter=12, vocab=23, dtype=torch.bfloat16,
-          tied=family == "LLAMA3_2", lm_head=True, extra=(("moe", [1]), ("experts", 3), ("same_head", True)))
+          tied=family == "LLAMA3_2", lm_head=True,
+          extra=(("moe", [1]), ("experts", 5), ("same_head", True)))  # 5 experts on 4 ranks: 2, 2, 1, 0 rows
     hf, cfg = FAMILIES[family].make(p)
     src = tmp_path / "in"
     src.mkdir()
@@ -78,12 +84,14 @@ def test_families_through_the_checkpointer(tmp_path: Path, family: str, world: i
         save_file({k: hf[k].contiguous() for k in g}, str(src / names[-1]), metadata={"format": "pt"})
     (src / "config.json").write_text(json.dumps(cfg))
     mt = FAMILIES[family].model_type.name
-    run_ranks(S.save_checkpointer, world, str(src), str(tmp_path / "out"), mt, names, None, 0)
-    got = _model_files(tmp_path / "out" / "epoch_0")
-    assert got == {n: (src / n).read_bytes() for n in names}  # no index in the input: none written
-    tune0 = FullModelHFCheckpointer(str(src), names, mt, str(tmp_path / "x")).load_checkpoint()["model"]
+    single = FullModelHFCheckpointer(str(src), names, mt, str(tmp_path / "x"))
+    tune0 = single.load_checkpoint()["model"]
     change = {k: 0.5 for k in tune0}
     run_ranks(S.save_checkpointer, world, str(src), str(tmp_path / "out"), mt, names, None, 1, change)
+    got = _model_files(tmp_path / "out" / "epoch_0")  # unchanged weights
+    assert {n: got[n] for n in names} == {n: (src / n).read_bytes() for n in names}
+    single.save_checkpoint({"model": tune0}, epoch=0)
+    assert got == _model_files(tmp_path / "x" / "epoch_0")  # and the index a single process writes
     ref = FullModelHFCheckpointer(str(src), names, mt, str(tmp_path / "ref"))
     tune = ref.load_checkpoint()["model"]
     ref.save_checkpoint({"model": {k: v.clone() + 0.5 for k, v in tune.items()}}, epoch=1)

@@ -367,11 +367,16 @@ class FullModelHFCheckpointer:
         if self._should_load_recipe_state and self._recipe_checkpoint is not None:
             recipe = load_recipe_state(self._recipe_checkpoint)
             if SHARDED_KEYS in recipe:  # a collective save wrote the optimizer state with DCP
-                from .dcp.collective import load_sharded_recipe_state
-
-                recipe = load_sharded_recipe_state(self._output_dir, recipe)
+                recipe = self._load_sharded_recipe_state(recipe)
             state.update(recipe)
         return state
+
+    def _load_sharded_recipe_state(self, recipe: dict[str, Any]) -> dict[str, Any]:
+        """The recipe keys a collective save wrote with DCP, merged back as full values (a hook:
+        ``shardwise.torchtune`` reads them on rank 0 only)."""
+        from .dcp.collective import load_sharded_recipe_state
+
+        return load_sharded_recipe_state(self._output_dir, recipe)
 
     def _load_adapter(self, path: Path) -> dict[str, torch.Tensor]:
         """A torchtune ``adapter_model.pt``, or a PEFT ``adapter_model.safetensors``/``.bin`` (written by

@@ -123,7 +123,7 @@ def plan_layout(
                 else:
                     dests.setdefault(fqn, []).append(dest)
     index = None
-    if plan.write_index:
+    if plan.shards and (plan.write_index or not source.sources):  # fresh layouts always get one (as torch's)
         index = index_bytes(plan, source.original_index, count_params(ops))
     return Layout(files, dests, local, index, plan)
 

@@ -142,10 +142,9 @@ def _materialize_non_row_ops(
             continue
         t = made(op)
         if mesh is not None and t.dim() > 0:
-            t = DTensor.from_local(
-                torch.tensor_split(t, world, dim=0)[rank].contiguous(), mesh, [Shard(0)],
-                shape=t.shape, stride=t.stride(),
-            )
+            c = -(-t.shape[0] // world)  # torch.chunk's split, which Shard(0) and DCP's offsets assume
+            local = t[min(rank * c, t.shape[0]) : min((rank + 1) * c, t.shape[0])].contiguous()
+            t = DTensor.from_local(local, mesh, [Shard(0)], shape=t.shape, stride=t.stride())
         out[HF_PREFIX + op.key] = t
     for k in needed:  # consumed by the HF tensors above; the other ops need only what is left
         used_elsewhere = any(owner.get(id(rs.tensor)) == k for o in ops if o.rows for rs in o.rows)
@@ -168,6 +167,11 @@ def save_collective(
         raise CheckpointError("a state dict with DTensors is saved collectively: initialise torch.distributed first")
     rank, world = dist.get_rank(), dist.get_world_size()
     coord = rank == 0
+    if coord:
+        from ..checkpointer import _remove_stale_leftovers
+
+        ck._output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_leftovers(ck._output_dir)
     ck._ensure_sources()
     adapter_full = {k: _full(v) for k, v in adapter.items()} if adapter is not None else None
     out_sd = _materialize_non_row_ops(ck, model, world, rank) if model is not None else {}
@@ -243,14 +247,17 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any], values: bool = True) -> dict[str, Any]:
     """Merge back the recipe keys a collective save wrote sharded (as full, unsharded values, the
-    form ``load_checkpoint`` has always returned); ``state`` is what ``recipe_state.pt`` held."""
+    form ``load_checkpoint`` has always returned); ``state`` is what ``recipe_state.pt`` held. With
+    ``values=False`` no non-scalar tensor is read: each is a zero placeholder of its shape and dtype
+    (stride 0, no memory), for ranks that take the values from rank 0."""
     keys = state.pop(SHARDED_KEYS, None)
     folder = state.pop(SHARDED_DIR, None)
     if not keys:
         return state
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     path = output_dir / str(folder)
@@ -258,10 +265,20 @@ def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any]) -> dict[s
         raise CheckpointError(
             f"{path}: the sharded recipe state ({', '.join(keys)}) recorded in recipe_state.pt is missing"
         )
+    reader = FileSystemReader(str(path))
+    md = reader.read_metadata()
+    entries = md.state_dict_metadata
+    skip = [k for k, v in entries.items() if not values and isinstance(v, TensorStorageMetadata) and len(v.size)]
+    wanted = set(entries) - set(skip)
     leaves: dict[str, Any] = {}
-    _load_state_dict(leaves, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    if wanted:
+        planner = _EmptyStateDictLoadPlanner(keys=wanted if skip else None)
+        _load_state_dict(leaves, storage_reader=reader, planner=planner, no_dist=True)
     flat = _flatten(leaves)
+    for k in skip:  # placeholders of the right shape that take no memory
+        meta = entries[k]
+        assert isinstance(meta, TensorStorageMetadata)
+        flat[k] = torch.zeros((), dtype=meta.properties.dtype).expand(meta.size)
     for k in keys:
         state[k] = _fill_leaves(state[k], flat, path)
     return state

@@ -47,8 +47,12 @@ def hf_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
+    found_files = [p for p in folder.glob("model*.safetensors") if p.is_file()]
+    if len(found_files) == 1:
+        return found_files
     raise CheckpointError(
-        f"{folder}: no {SAFETENSOR_INDEX_FNAME} and no model.safetensors: not an HF safetensors checkpoint"
+        f"{folder}: no {SAFETENSOR_INDEX_FNAME} and no single model*.safetensors file: not an HF safetensors "
+        "checkpoint this reader can take without guessing"
     )
 
 
@@ -157,6 +161,16 @@ class HFStorageReader(StorageReader):
             fqn = item.storage_index.fqn
             off, lengths = list(item.storage_offsets), list(item.lengths)
             src = self._sources.get(fqn)
+            target = planner.resolve_tensor(item).detach()
+            full_rows = src is not None and off and src.head_dim and list(off[1:]) == [0] * (len(off) - 1) \
+                and tuple(lengths[1:]) == tuple(src.hf.shape[1:]) and target.is_contiguous() \
+                and tuple(target.shape) == tuple(lengths) and target.dtype == src.hf.dtype
+            if full_rows:  # permuted whole rows: gathered straight into the target, one copy
+                assert src is not None
+                idx = src.row + rope_rows(np.arange(off[0], off[0] + lengths[0], dtype=np.int64), src.head_dim)
+                torch.index_select(src.hf, 0, torch.from_numpy(idx), out=target)
+                planner.commit_tensor(item, target)
+                continue
             if src is not None and off:
                 data = src.rows(off[0], lengths[0])
                 for d in range(1, len(off)):
@@ -165,7 +179,6 @@ class HFStorageReader(StorageReader):
                 data = self._full_tune(fqn) if src is None else src.hf
                 for d in range(len(off)):
                     data = data.narrow(d, off[d], lengths[d])
-            target = planner.resolve_tensor(item).detach()
             if tuple(target.shape) != tuple(data.shape):
                 raise CheckpointError(
                     f"{self.path}: {fqn!r}: the checkpoint gives {tuple(data.shape)} where the state dict "

@@ -379,9 +379,10 @@ def test_403_on_read_names_the_url(s3, fs, bucket, hf, tmp_path) -> None:
 
 
 @pytest.fixture
-def s3_env(s3, monkeypatch):
+def s3_env(s3, monkeypatch, tmp_path):
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SHARDWISE_CACHE_DIR", str(tmp_path / "cli-cache"))  # not the user's ~/.cache
     return s3
 
 

@@ -115,6 +115,8 @@ struct Job<'a> {
     file: usize,
     offset: u64,
     slices: Vec<&'a [u8]>,
+    /// the region (buffer) the last slice came from: only slices of one buffer are merged
+    last_region: usize,
 }
 
 /// Check every segment against its buffer and the file size, and that no two overlap in the file.
@@ -203,24 +205,28 @@ fn plan_jobs<'a>(
                         file,
                         offset: at,
                         slices: Vec::new(),
+                        last_region: r,
                     },
                     at,
                     0,
                 ));
             }
             if let Some((job, next, bytes)) = current.as_mut() {
-                let merged = job.slices.last_mut().is_some_and(|last| {
-                    let end = last.as_ptr() as usize + last.len();
-                    if end == piece.as_ptr() as usize {
-                        // SAFETY: `last` and `piece` are adjacent ranges of the same buffer `data`
-                        // (pointers into one allocation), so the union is one valid slice of it.
-                        *last =
-                            unsafe { std::slice::from_raw_parts(last.as_ptr(), last.len() + take) };
-                        true
-                    } else {
-                        false
-                    }
-                });
+                let same_buffer = job.last_region == r;
+                let merged = same_buffer
+                    && job.slices.last_mut().is_some_and(|last| {
+                        let end = last.as_ptr() as usize + last.len();
+                        if end == piece.as_ptr() as usize {
+                            // SAFETY: `last` and `piece` are adjacent ranges of the same buffer `data`
+                            // (the last slice came from region `r` too), so the union is one valid slice of it.
+                            *last = unsafe {
+                                std::slice::from_raw_parts(last.as_ptr(), last.len() + take)
+                            };
+                            true
+                        } else {
+                            false
+                        }
+                    });
                 if !merged {
                     if job.slices.len() == IOV_MAX {
                         let full = std::mem::replace(
@@ -229,12 +235,14 @@ fn plan_jobs<'a>(
                                 file,
                                 offset: at,
                                 slices: Vec::new(),
+                                last_region: r,
                             },
                         );
                         jobs.push(full);
                         *bytes = 0;
                     }
                     job.slices.push(piece);
+                    job.last_region = r;
                 }
                 *next = at + take as u64;
                 *bytes += take as u64;

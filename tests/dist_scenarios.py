@@ -229,3 +229,34 @@ def stuck(rank: int, world: int) -> None:
     if rank == 1:
         threading.Event().wait()
     dist.barrier()
+
+
+def publish_fails_on_rank0(rank: int, world: int, ckpt_dir: str, out_dir: str, files: list[str]) -> str:
+    """Rank 0 cannot stage the recipe state (disk full): every rank must get an error, none may hang."""
+    import shardwise.dcp.collective as coll
+    from shardwise import FullModelHFCheckpointer
+
+    if rank == 0:
+        def boom(*a: Any, **k: Any) -> Any:
+            raise OSError(28, "No space left on device (injected)")
+
+        coll.stage_torch_save = boom  # type: ignore[assignment]
+    ck = FullModelHFCheckpointer(ckpt_dir, files, "LLAMA3", out_dir)
+    tune = ck.load_checkpoint()["model"]
+    sd = shard_dict(dict(tune), world)
+    opt = {"state": {0: {"exp_avg": sd[next(iter(sd))]}}, "param_groups": [{"params": [0]}]}
+    try:
+        ck.save_checkpoint({"model": sd, "optimizer": opt, "epochs_run": 1}, epoch=0, intermediate_checkpoint=True)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def ordered_max_shard(rank: int, world: int, full: dict[str, torch.Tensor], out: str, cap: int) -> bool:
+    """Plain (replicated) tensors between sharded ones with a max_shard_size: DCP's dedup hands them to
+    other ranks, the split must still follow the state dict's order."""
+    from shardwise import dcp as sdcp
+
+    placements = {k: ("plain" if i % 2 else "0") for i, k in enumerate(full)}
+    sdcp.save(shard_dict(full, world, placements), out, max_shard_size=cap)
+    return True

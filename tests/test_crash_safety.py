@@ -166,14 +166,15 @@ def test_sigkill_at_random_points_never_exposes_a_partial_checkpoint(base, tmp_p
                 continue
             latest = max(int(p.name.split("_")[1]) for p in visible)
             start = latest + 2  # numbering goes on, as in training
-            # resume picks the newest complete folder; its adapter and the recipe state load
+            # resume loads the recipe state and the adapter of the folder it was saved with: the latest
+            # one, or the one before it when the kill landed between publishing and renaming
             ck = FullModelHFCheckpointer(str(folder), names, "LLAMA3", str(out), should_load_recipe_state=True)
-            assert ck._adapter_checkpoint == out / f"epoch_{latest}" / "adapter_model.pt"
             state = ck.load_checkpoint()
-            assert all(torch.equal(state["adapter"][k], v) for k, v in _lora(latest).items())
-            # the recipe state is the latest one or the one before it (killed between publish and rename)
-            assert state["epochs_run"] in (latest, latest - 1)
-            assert torch.equal(state["optimizer"]["m"], torch.full((1000,), state["epochs_run"]))
+            paired = state["epochs_run"]
+            assert paired in (latest, latest - 1)
+            assert ck._adapter_checkpoint == out / f"epoch_{paired}" / "adapter_model.pt"
+            assert all(torch.equal(state["adapter"][k], v) for k, v in _lora(paired).items())
+            assert torch.equal(state["optimizer"]["m"], torch.full((1000,), paired))
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0
     assert seen_saved > 0 and mid_save > 0  # kills landed after complete saves and in the middle of saves

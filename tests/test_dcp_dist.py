@@ -147,6 +147,7 @@ def test_failures_fail_every_rank_and_publish_nothing(tmp_path: Path) -> None:
     res = run_ranks(S.fail_one_rank, 2, full, str(out2), "kill", 1, allow_errors=True)
     assert res[1] == ("died", -9)
     assert isinstance(res[0], str) and res[0] != "saved", res[0]  # an error, within the bounded wait
+    print("rank 0 after its peer was killed:", res[0][:300])
     _assert_previous_intact(tmp_path, out2, full)
 
     out3 = tmp_path / "ckpt3"
@@ -164,7 +165,7 @@ def _assert_previous_intact(tmp_path: Path, out: Path, full: dict[str, torch.Ten
     got = load_file(str(out / "model-00001-of-00001.safetensors"))
     assert all(torch.equal(got[k], v) for k, v in full.items())  # the first save, not the failed one
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(f".{out.name}")]
-    assert all(".shardwise-" in n for n in leftovers)  # at most a hidden staging folder
+    assert leftovers == []  # the surviving coordinator removed its staging folder
 
 
 def test_loads_transformers_and_torch_writer_output_into_fsdp2(tmp_path: Path) -> None:
@@ -216,3 +217,33 @@ def test_run_ranks_bounds_a_stuck_rank() -> None:
     """The harness itself: a rank that never finishes fails the test within the timeout."""
     with pytest.raises(RankFailed, match="did not finish"):
         run_ranks(S.stuck, 2, timeout=20)
+
+
+def test_rank0_failure_while_publishing_fails_every_rank(tmp_path: Path) -> None:
+    """A rank-0-only step failing (the recipe state cannot be staged) is an error on every rank, not a
+    rank left waiting; nothing is published."""
+    spec = LlamaSpec(layers=1)
+    names = _llama_ckpt(tmp_path / "in", spec, [5])
+    res = run_ranks(S.publish_fails_on_rank0, 2, str(tmp_path / "in"), str(tmp_path / "out"), names, timeout=150)
+    assert "No space left" in res[0] and "rank 0" not in res[0], res[0]
+    assert "could not publish" in res[1] and "rank 0 failed" in res[1] and "No space left" in res[1], res[1]
+    out = tmp_path / "out"
+    assert not (out / "epoch_0").exists() and not (out / "recipe_state" / "recipe_state.pt").exists()
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] in ([], ["recipe_state"])
+
+
+def test_max_shard_size_follows_the_state_dict_order(tmp_path: Path) -> None:
+    """Replicated and sharded tensors interleaved, split by max_shard_size: the same files as the
+    layout planned in one process from the state dict in its own order."""
+    from shardwise.dcp import plan_layout
+
+    g = torch.Generator().manual_seed(3)
+    full = {f"t.{i}": torch.randn(8, 16, generator=g) for i in range(7)}
+    cap = 3 * 8 * 16 * 4
+    run_ranks(S.ordered_max_shard, 2, full, str(tmp_path / "out"), cap)
+    expect = plan_layout({k: (v.dtype, tuple(v.shape)) for k, v in full.items()}, max_shard_size=cap)
+    assert sorted(f[0] for f in expect.files) == sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    for name, header, size in expect.files:
+        got = (tmp_path / "out" / name).read_bytes()
+        assert got[: len(header)] == header and len(got) == size
+    assert (tmp_path / "out" / "model.safetensors.index.json").read_bytes() == expect.index

@@ -76,8 +76,12 @@ def test_client_saves_collectively_without_gather(runs: dict[str, Any]) -> None:
     for e in range(EPOCHS):
         assert sorted(p.name for p in (out / f"epoch_{e}").glob("*.safetensors")) == runs["files"]
     recipe = torch.load(out / "recipe_state" / "recipe_state.pt", weights_only=False)
-    assert "optimizer" not in recipe and "optimizer" in recipe["_shardwise_dcp_keys"]  # saved sharded by DCP
-    assert (out / "recipe_state" / "sharded" / ".metadata").is_file()
+    assert "optimizer" in recipe["_shardwise_dcp_keys"]  # saved sharded by DCP: only markers stay inline
+    moments = [v for st in recipe["optimizer"]["state"].values() for k, v in st.items() if k != "step"]
+    assert moments and all(isinstance(v, tuple) and v[0] == "__shardwise_dcp_leaf__" for v in moments)
+    folders = sorted(p.name for p in (out / "recipe_state").iterdir() if p.is_dir())
+    assert folders == [recipe["_shardwise_dcp_dir"].split("/")[-1]]  # one per save; older ones removed
+    assert (out / recipe["_shardwise_dcp_dir"] / ".metadata").is_file()
 
 
 @needs_torchtune

@@ -189,7 +189,7 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
 
         from shardwise import dcp as sdcp
         from shardwise.dcp.api import unwrap
-        from shardwise.dcp.collective import SHARDED_DIR, SHARDED_KEYS
+        from shardwise.dcp.collective import SHARDED_DIR, SHARDED_KEYS, fill_leaves, split_leaves
         from shardwise.recipe_state import load_recipe_state
 
         folder = Path(checkpoint_path) if checkpoint_path is not None else self._checkpoint_paths[0].parent
@@ -206,13 +206,16 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
                 state_dict[k] = v
         opt = state_dict.get(OPT_KEY)
         if isinstance(opt, Mapping) and OPT_KEY in sharded and isinstance(model, Mapping):
-            by_name = optimizer_state_by_name(opt, model)
-            box = {OPT_KEY: by_name}
+            # the DTensor leaves are in the DCP folder under their dotted names; everything else
+            # (steps, param groups) is in recipe_state.pt around the markers that stand for them
+            leaves: dict[str, Any] = {}
+            split_leaves(optimizer_state_by_name(opt, model), OPT_KEY, leaves)
             try:
-                dcp.load(box, storage_reader=FileSystemReader(str(self._output_dir / str(where))))
+                dcp.load(leaves, storage_reader=FileSystemReader(str(self._output_dir / str(where))))
             except CheckpointException as e:
                 raise unwrap(e, "load of the sharded optimizer state") from None
-            state_dict[OPT_KEY] = _back_to_ids(opt, box[OPT_KEY])
+            loaded = fill_leaves(recipe[OPT_KEY], leaves, self._output_dir / str(where))
+            state_dict[OPT_KEY] = _back_to_ids(opt, loaded)
         return state_dict
 
 

@@ -9,6 +9,7 @@ destination of each source tensor's rows.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from ..shards import SourceFile
 from ._rows import Dest
 
 __all__ = ["HF_PREFIX", "Layout", "SourceLayout", "plan_layout"]
+
+logger = logging.getLogger("shardwise")
 
 #: a state-dict key with this prefix already holds the HF tensor of the rest of the key (written as is)
 HF_PREFIX = "shardwise.hf::"
@@ -64,7 +67,7 @@ def _fixed_shards(ops: list[Op], mapping: Mapping[str, int]) -> SavePlan:
     missing = [op.key for op in ops if op.key not in mapping]
     if missing:
         raise ConversionError(f"fqn_to_index_mapping has no file index for {missing[:5]} ({len(missing)} keys)")
-    n = max(mapping[op.key] for op in ops) if ops else 0
+    n = max(mapping.values(), default=0)  # as torch's writer: N counts every file the mapping names
     shards = [OutputShard(f"model-{i:05d}-of-{n:05d}.safetensors") for i in range(1, n + 1)]
     for op in ops:
         i = mapping[op.key]
@@ -100,6 +103,8 @@ def plan_layout(
     if fqn_to_index_mapping is not None and not source.sources:
         plan = _fixed_shards(ops, fqn_to_index_mapping)
     else:
+        if fqn_to_index_mapping is not None:
+            logger.warning("fqn_to_index_mapping is ignored: the shards follow the layout of the loaded checkpoint")
         plan = plan_shards(
             ops, source.sources, source.key_source,
             safe=True, had_index=source.had_index, max_shard_size=max_shard_size,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from .. import _core
 from ..constants import RECIPE_STATE_DIRNAME
@@ -36,7 +36,7 @@ from .api import save, unwrap
 if TYPE_CHECKING:
     from ..checkpointer import FullModelHFCheckpointer
 
-__all__ = ["SHARDED_KEYS", "load_sharded_recipe_state", "save_collective"]
+__all__ = ["SHARDED_KEYS", "fill_leaves", "load_sharded_recipe_state", "save_collective", "split_leaves"]
 
 #: recorded in ``recipe_state.pt`` by a collective save: the recipe keys saved sharded with DCP, and
 #: the folder (relative to ``output_dir``) that holds them
@@ -58,28 +58,28 @@ def _has_dtensor(obj: Any) -> bool:
 _LEAF = "__shardwise_dcp_leaf__"
 
 
-def _split_leaves(obj: Any, path: str, leaves: dict[str, DTensor]) -> Any:
+def split_leaves(obj: Any, path: str, leaves: dict[str, DTensor]) -> Any:
     """``obj`` with every DTensor replaced by a ``(_LEAF, name)`` marker (the DTensor goes to
     ``leaves[name]``), keeping every container type and key (DCP alone would turn int keys into str)."""
     if isinstance(obj, DTensor):
         leaves[path] = obj
         return (_LEAF, path)
     if isinstance(obj, Mapping):
-        return type(obj)((k, _split_leaves(v, f"{path}.{k}", leaves)) for k, v in obj.items())
+        return type(obj)((k, split_leaves(v, f"{path}.{k}", leaves)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_split_leaves(v, f"{path}.{i}", leaves) for i, v in enumerate(obj))
+        return type(obj)(split_leaves(v, f"{path}.{i}", leaves) for i, v in enumerate(obj))
     return obj
 
 
-def _fill_leaves(obj: Any, leaves: Mapping[str, torch.Tensor], where: Path) -> Any:
+def fill_leaves(obj: Any, leaves: Mapping[str, torch.Tensor], where: Path) -> Any:
     if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _LEAF:
         if obj[1] not in leaves:
             raise CheckpointError(f"{where}: the sharded recipe state has no tensor {obj[1]!r}")
         return leaves[obj[1]]
     if isinstance(obj, Mapping):
-        return type(obj)((k, _fill_leaves(v, leaves, where)) for k, v in obj.items())
+        return type(obj)((k, fill_leaves(v, leaves, where)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_fill_leaves(v, leaves, where) for v in obj)
+        return type(obj)(fill_leaves(v, leaves, where) for v in obj)
     return obj
 
 
@@ -117,8 +117,8 @@ def _materialize_non_row_ops(
 ) -> dict[str, Any]:
     """Keys whose conversion is no row map (Llama4's fused experts, vision tile tables) cannot be written
     rows-first: their inputs are gathered (collective, one key at a time, the same order on every rank),
-    converted, and the HF result is handed to the writer as a tensor sharded on dim 0 again, so no rank
-    keeps more than its share."""
+    converted, and each HF result is handed to the writer by one rank (round robin), so no rank keeps
+    more than its share."""
     meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.items()}
     owner = {id(t): k for k, t in meta.items()}
     ops = ck._converter.tune_to_hf_ops(meta, ck._config, ck._aside)
@@ -126,7 +126,6 @@ def _materialize_non_row_ops(
     if not todo:
         return dict(model)
     out = dict(model)
-    mesh = next((v.device_mesh for v in model.values() if isinstance(v, DTensor)), None)
     needed: list[str] = []
     for op in todo:
         for t in _closure_tensors(op):
@@ -136,16 +135,16 @@ def _materialize_non_row_ops(
     full = {k: _full(model[k]) for k in needed}  # collective, same order on every rank
     real = ck._converter.tune_to_hf_ops({**{k: v for k, v in meta.items() if k not in full}, **full},
                                         ck._config, ck._aside)
-    wanted = {op.key for op in todo}
+    wanted = [op.key for op in todo]
     for op in real:
         if op.key not in wanted:
             continue
         t = made(op)
-        if mesh is not None and t.dim() > 0:
-            c = -(-t.shape[0] // world)  # torch.chunk's split, which Shard(0) and DCP's offsets assume
-            local = t[min(rank * c, t.shape[0]) : min((rank + 1) * c, t.shape[0])].contiguous()
-            t = DTensor.from_local(local, mesh, [Shard(0)], shape=t.shape, stride=t.stride())
-        out[HF_PREFIX + op.key] = t
+        # a plain tensor kept by one rank only (round robin): DCP writes it from there, whatever the
+        # mesh, and no rank holds more than its share of these once they are made
+        if wanted.index(op.key) % world == rank:
+            out[HF_PREFIX + op.key] = t.contiguous()
+        del t
     for k in needed:  # consumed by the HF tensors above; the other ops need only what is left
         used_elsewhere = any(owner.get(id(rs.tensor)) == k for o in ops if o.rows for rs in o.rows)
         if not used_elsewhere:
@@ -162,17 +161,29 @@ def save_collective(
     intermediate_checkpoint: bool,
     cap: int | None,
 ) -> None:
-    """The collective form of ``save_checkpoint``; see the module docstring. Call on every rank."""
+    """The collective form of ``save_checkpoint``; see the module docstring. Call on every rank.
+
+    Every step that runs on some ranks only (rank 0's file work) ends at a point where all ranks agree
+    on its outcome (``_agree``), so a failure there is an error on every rank, never a rank left
+    waiting in a collective."""
     if not dist.is_initialized():
         raise CheckpointError("a state dict with DTensors is saved collectively: initialise torch.distributed first")
     rank, world = dist.get_rank(), dist.get_world_size()
     coord = rank == 0
-    if coord:
-        from ..checkpointer import _remove_stale_leftovers
+    for d in (model or {}, adapter or {}):
+        _check_placements(d)
 
-        ck._output_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_leftovers(ck._output_dir)
-    ck._ensure_sources()
+    def prepare() -> None:
+        if coord:
+            from ..checkpointer import _remove_stale_leftovers
+
+            ck._output_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_leftovers(ck._output_dir)
+            if (ck._output_dir / RECIPE_STATE_DIRNAME).is_dir():
+                _remove_stale_leftovers(ck._output_dir / RECIPE_STATE_DIRNAME)
+        ck._ensure_sources()
+
+    _agree(prepare, "prepare the save")
     adapter_full = {k: _full(v) for k, v in adapter.items()} if adapter is not None else None
     out_sd = _materialize_non_row_ops(ck, model, world, rank) if model is not None else {}
 
@@ -185,53 +196,56 @@ def save_collective(
         sources=ck._sources, key_source=ck._key_source,
         original_index=(ck._orig_index[1], ck._orig_index[2]) if ck._orig_index is not None else None,
         had_index=ck._orig_index is not None or len(ck._sources) > 1,
-    )    # the model folder: every rank writes its rows; rank 0 adds adapters and side files
+    )
+    # the model folder: every rank writes its rows; rank 0 adds adapters and side files
     writer = save(out_sd, final, source=source, max_shard_size=cap, fsync=ck._fsync, publish=False,
                   side_files=side_files)
+    state_dir = ck._output_dir / RECIPE_STATE_DIRNAME
+    recipe_path = state_dir / "recipe_state.pt"
     opt_tmp: Path | None = None
+    opt_final: Path | None = None
     recipe_tmp: Path | None = None
-    recipe_path = ck._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
-    sharded_dir = ck._output_dir / RECIPE_STATE_DIRNAME / "sharded"
     try:
+        recipe: dict[str, Any] = {}
         if intermediate_checkpoint:
             recipe = recipe_keys(state_dict, final.name)
             sharded = sorted(k for k, v in recipe.items() if _has_dtensor(v))
             if sharded:
-                name = f".sharded{STAGING_MARK}{uuid.uuid4().hex[:8]}"
-                name = _broadcast(name)
-                opt_tmp = sharded_dir.parent / name
+                # a folder of its own per save, named in recipe_state.pt, which is committed last: a
+                # crash in between leaves the previous pair (recipe_state.pt + its folder) as it was
+                tag = _broadcast(f"{final.name}-{uuid.uuid4().hex[:8]}")
+                opt_final = state_dir / f"sharded-{tag}"
+                opt_tmp = state_dir / f".sharded-{tag}{STAGING_MARK}{os.getpid()}"
                 leaves: dict[str, DTensor] = {}
-                recipe = {k: (_split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
+                recipe = {k: (split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
                 try:
                     dcp.save(leaves, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck._fsync))
                 except CheckpointException as e:
                     raise unwrap(e, "save of the sharded recipe state") from None
                 recipe[SHARDED_KEYS] = sharded
-                recipe[SHARDED_DIR] = f"{RECIPE_STATE_DIRNAME}/{sharded_dir.name}"
-            if coord:
+                recipe[SHARDED_DIR] = f"{RECIPE_STATE_DIRNAME}/{opt_final.name}"
+
+        def publish() -> None:
+            nonlocal recipe_tmp, opt_tmp
+            if not coord:
+                return
+            if intermediate_checkpoint:
                 recipe_tmp = stage_torch_save(
                     recipe, recipe_path, fsync=ck._fsync,
                     tmp=ck._output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
                 )
-        error: str | None = None
-        if coord:
-            try:
-                assert writer.staging is not None
-                _core.publish_dir(str(writer.staging), str(final))
-                writer.staging = None
-                if opt_tmp is not None:
-                    _core.publish_dir(str(opt_tmp), str(sharded_dir))
-                    opt_tmp = None
-                if recipe_tmp is not None:
-                    commit(recipe_tmp, recipe_path, fsync=ck._fsync)
-                    recipe_tmp = None
-            except BaseException as e:  # noqa: BLE001 - every rank must learn of it
-                error = f"{type(e).__name__}: {e}"
-                _broadcast(error)
-                raise
-        error = _broadcast(error)
-        if error is not None:
-            raise CheckpointError(f"rank 0 could not publish {final}: {error}")
+            assert writer.staging is not None
+            _core.publish_dir(str(writer.staging), str(final))
+            writer.staging = None
+            if opt_tmp is not None and opt_final is not None:
+                os.rename(opt_tmp, opt_final)
+                opt_tmp = None
+            if recipe_tmp is not None:
+                commit(recipe_tmp, recipe_path, fsync=ck._fsync)
+                recipe_tmp = None
+                _drop_old_sharded(state_dir, keep=opt_final)
+
+        _agree(publish, f"publish {final}")
     finally:
         if coord:
             writer.abort()
@@ -239,6 +253,43 @@ def save_collective(
                 shutil.rmtree(opt_tmp, ignore_errors=True)
             if recipe_tmp is not None:
                 recipe_tmp.unlink(missing_ok=True)
+
+
+def _drop_old_sharded(state_dir: Path, keep: Path | None) -> None:
+    """Remove the sharded recipe states of earlier saves (``recipe_state.pt`` no longer names them)."""
+    for p in state_dir.glob("sharded-*"):
+        if p != keep and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_placements(d: Mapping[str, Any]) -> None:
+    """DCP does not describe ``_StridedShard`` chunks (FSDP2 × TP) by their real rows: refuse them."""
+    for k, v in d.items():
+        if isinstance(v, DTensor) and any(type(p).__name__ == "_StridedShard" for p in v.placements):
+            raise CheckpointError(
+                f'"{k}": placement {v.placements} (_StridedShard, FSDP2 with tensor parallel) is not supported by '
+                "torch.distributed.checkpoint's chunk metadata; redistribute it to Shard/Replicate placements first"
+            )
+
+
+def _agree(fn: Any, what: str) -> None:
+    """Run ``fn`` here, then make every rank raise if it failed on any rank (no rank is left waiting)."""
+    error: str | None = None
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - reported on every rank below
+        error = f"{type(e).__name__}: {e}"
+        failure: BaseException | None = e
+    else:
+        failure = None
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    bad = {r: err for r, err in enumerate(errors) if err is not None}
+    if bad:
+        if failure is not None:
+            raise failure
+        first = min(bad)
+        raise CheckpointError(f"could not {what}: rank {first} failed: {bad[first]}")
 
 
 def _broadcast(obj: Any) -> Any:
@@ -280,7 +331,7 @@ def load_sharded_recipe_state(output_dir: Path, state: dict[str, Any], values: b
         assert isinstance(meta, TensorStorageMetadata)
         flat[k] = torch.zeros((), dtype=meta.properties.dtype).expand(meta.size)
     for k in keys:
-        state[k] = _fill_leaves(state[k], flat, path)
+        state[k] = fill_leaves(state[k], flat, path)
     return state
 
 

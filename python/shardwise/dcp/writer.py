@@ -9,6 +9,7 @@ and publishes the folder atomically. No gather, no per-rank files, no consolidat
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -68,7 +69,8 @@ class HFStorageWriter(StorageWriter):
     consolidated HF folder). ``source`` (from ``FullModelHFCheckpointer``) carries the key conversion
     and the layout read on load, so an unchanged round trip is byte-identical to the input; without
     it the keys are written as they are, with the ``safetensors`` library's layout.
-    ``thread_count`` > 1 caps the native writer's threads (default: one per CPU).
+    ``thread_count`` > 1 sets the native writer's threads (default: this node's CPUs shared by its
+    ranks, from ``LOCAL_WORLD_SIZE``).
     All ranks must see ``path``'s parent folder (one shared filesystem).
     """
 
@@ -90,7 +92,9 @@ class HFStorageWriter(StorageWriter):
         super().__init__()
         self.path = Path(path)
         self.fqn_to_index_mapping = dict(fqn_to_index_mapping) if fqn_to_index_mapping else None
-        self.threads = thread_count if thread_count > 1 else 0
+        # torch's default (1) leaves the choice to us: the CPUs of this node shared by its ranks
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        self.threads = thread_count if thread_count > 1 else max(1, (os.cpu_count() or 1) // max(1, local_world))
         self.source = source
         self.max_shard_size = max_shard_size
         self.fsync = fsync
@@ -127,19 +131,33 @@ class HFStorageWriter(StorageWriter):
                     f'"{item.index.fqn}": HF safetensors files hold tensors only; save non-tensor '
                     "state separately (e.g. with torch.distributed.checkpoint's FileSystemWriter)"
                 )
-        return plan
+        # the state dict's key order, which DCP's dedup of replicated tensors does not keep: the layout
+        # (and a max_shard_size split) follows it, as in the single-process save
+        order = list(dict.fromkeys(item.index.fqn for item in plan.items))
+        return dataclasses.replace(plan, storage_data=order)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        found: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for plan in plans:
             for item in plan.items:
                 td = item.tensor_data
-                assert td is not None
-                tensors.setdefault(item.index.fqn, (td.properties.dtype, tuple(td.size)))
+                if td is None:
+                    raise ConversionError(f'"{item.index.fqn}": not a tensor')
+                meta = (td.properties.dtype, tuple(td.size))
+                if found.setdefault(item.index.fqn, meta) != meta:
+                    raise ConversionError(
+                        f'"{item.index.fqn}": the ranks disagree on its dtype/shape ({found[item.index.fqn]} vs {meta})'
+                    )
+        order = list(dict.fromkeys(k for plan in plans for k in (plan.storage_data or ())))
+        tensors = {k: found[k] for k in order if k in found}
+        tensors.update((k, v) for k, v in found.items() if k not in tensors)
         layout = plan_layout(
             tensors, self.source, fqn_to_index_mapping=self.fqn_to_index_mapping, max_shard_size=self.max_shard_size
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        from ..checkpointer import _remove_stale_leftovers
+
+        _remove_stale_leftovers(self.path.parent)  # what failed saves of dead processes left (over an hour old)
         staging = self.path.parent / f".{self.path.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         self.staging = staging
@@ -175,6 +193,10 @@ class HFStorageWriter(StorageWriter):
             data = planner.resolve_data(item)
             assert isinstance(data, torch.Tensor)
             t, copied = _host_contiguous(data)
+            if tuple(t.shape) != tuple(td.chunk.sizes):
+                raise ConversionError(
+                    f'"{item.index.fqn}": the local chunk is {tuple(t.shape)} where DCP planned {tuple(td.chunk.sizes)}'
+                )
             view = byte_view(t)
             for dest in rp.dests.get(item.index.fqn, ()):
                 chunk = td.chunk

@@ -1,7 +1,8 @@
 """Benchmark fixtures: a generated Llama-style bf16 checkpoint on tmpfs and on disk.
 
 Size: ``SHARDWISE_BENCH_GB`` (default 1; 3 when run by hand with ``make bench-full``). Under
-``--benchmark-disable`` (the CI smoke pass) a 64 MB checkpoint is used so the pass stays quick.
+``--benchmark-disable`` (the CI smoke pass) a 64 MB checkpoint on tmpfs only is used so the pass
+stays quick.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ def bench_bytes(config) -> int:
     return int(float(os.environ.get("SHARDWISE_BENCH_GB", "1")) * 2**30)
 
 
-def make_checkpoint(folder: Path, total_bytes: int, shards: int = 4) -> list[str]:
+def make_checkpoint(folder: Path, total_bytes: int, shards: int = 4, tiny: bool = False) -> list[str]:
     """A Llama-style bf16 checkpoint (GQA, head_dim 128) of about ``total_bytes`` in ``shards`` files,
-    named and indexed as ``save_pretrained`` does."""
-    hidden, heads, kv, hd, inter, vocab = 2048, 16, 4, 128, 5632, 32000
+    named and indexed as ``save_pretrained`` does (``tiny``: small dims, for smoke runs)."""
+    hidden, heads, kv, hd, inter, vocab = (256, 4, 2, 64, 704, 4000) if tiny else (2048, 16, 4, 128, 5632, 32000)
     per_layer = 2 * (hidden * heads * hd * 2 + hidden * kv * hd * 2 + 3 * hidden * inter + 2 * hidden)
     layers = max(1, (total_bytes - 2 * vocab * hidden * 2) // per_layer)
     g = torch.Generator().manual_seed(0)
@@ -85,6 +86,8 @@ def prefault(nbytes: int) -> None:
 
 @pytest.fixture(scope="session", params=sorted(ROOTS))
 def checkpoint(request):
+    if request.config.getoption("benchmark_disable", False) and request.param != "tmpfs":
+        pytest.skip("smoke pass (--benchmark-disable): tmpfs only, to stay within ~30 s")
     root = Path(ROOTS[request.param])
     tmp = Path(tempfile.mkdtemp(prefix="shardwise-bench-", dir=root))
     size = bench_bytes(request.config)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import prefault
+from conftest import make_checkpoint, prefault
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -209,6 +209,9 @@ def test_distributed_save_load_ratios(checkpoint, request, tmp_path_factory):
     if disabled and fs != "tmpfs":
         pytest.skip("the smoke pass runs the distributed bench on tmpfs only")
     rounds = 1 if disabled else ROUNDS
+    if disabled:  # the smoke pass: the same code on a tiny checkpoint of its own
+        tmp = tmp_path_factory.mktemp("dcp-smoke")
+        names = make_checkpoint(tmp / "hf", 16 * 2**20, tiny=True)
     size = json.loads((tmp / "hf" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     root = tmp / "dcp"
     res = run_ranks(bench_rank, 2, str(tmp / "hf"), str(root), names, rounds, size, timeout=3600)

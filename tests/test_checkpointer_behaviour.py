@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
 from shardwise import (
@@ -477,3 +477,34 @@ def test_index_that_is_not_an_object_is_ignored(tmp_path, caplog):
         ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
     assert "must be a JSON object" in caplog.text
     assert json.loads((tmp_path / "out/epoch_0/model.safetensors.index.json").read_text()) == good
+
+
+@pytest.mark.parametrize("names", [["model.safetensors"], ["weights-a.safetensors", "weights-b.safetensors"]])
+def test_any_load_accepts_torchtune_output_names(tmp_path, caplog, names):
+    """A follow-up config written for torchtune (generation after a fine-tune) names the output
+    model-0000k-of-0000n under epoch_0/; shardwise kept the input names on disk and loads the k-th file in
+    numeric order, with one INFO line naming the file used."""
+    spec = LlamaSpec()
+    sd = llama_state_dict(spec)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(spec.config()))
+    for name, keys in zip(names, split_keys(list(sd), [len(sd) // 2] if len(names) == 2 else [])):
+        save_file({k: sd[k] for k in keys}, tmp_path / "hf" / name, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    ck = FullModelHFCheckpointer(str(tmp_path / "hf"), names, "LLAMA3", str(out))
+    state = ck.load_checkpoint()
+    ck.save_checkpoint(state, epoch=0)
+    assert sorted(p.name for p in (out / "epoch_0").glob("*.safetensors")) == names  # input names kept
+    n = len(names)
+    tt = [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="shardwise"):
+        gen = FullModelHFCheckpointer(str(out / "epoch_0"), tt, "LLAMA3", str(tmp_path / "gen"))
+    assert [p.name for p in gen._checkpoint_paths] == names
+    lines = [r.getMessage() for r in caplog.records if "the file torchtune would have named so" in r.getMessage()]
+    assert len(lines) == n and all(tt[i] in lines[i] and names[i] in lines[i] for i in range(n))
+    got = gen.load_checkpoint()["model"]
+    assert set(got) == set(state["model"]) and all(torch.equal(got[k], state["model"][k]) for k in got)
+    formatted = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": f"{n:05d}"}
+    again = FullModelHFCheckpointer(str(out / "epoch_0"), formatted, "LLAMA3", str(tmp_path / "gen"))
+    assert again._checkpoint_paths == gen._checkpoint_paths

@@ -25,7 +25,7 @@ from shardwise.report import PROBLEM_KINDS
 INDEX = "model.safetensors.index.json"
 
 # ------------------------------------------------------------------------------------------ JSON schema
-TOP = {"schema", "command", "path", "ok", "files", "problems", "stats"}
+TOP = {"schema", "command", "path", "ok", "files", "problems", "warnings", "stats"}
 DETAILS = {
     "inspect": {"index", "tensors"},
     "verify": {"index", "side_files", "manifest", "wrote_manifest"},
@@ -60,7 +60,7 @@ def assert_schema(doc: dict, command: str) -> None:
     assert set(doc["stats"]) == STATS[command], command
     for f in doc["files"]:
         assert set(f) == FILE_ENTRY[command], (command, f)
-    for p in doc["problems"]:
+    for p in doc["problems"] + doc["warnings"]:
         assert set(p) == PROBLEM and p["kind"] in PROBLEM_KINDS
     assert doc["ok"] == (not doc["problems"])
 
@@ -106,9 +106,9 @@ CASES: dict[str, tuple[list[str], int]] = {
     "inspect-json": (["inspect", "hf", "--tensors", "--json"], 0),
     "verify-json": (["verify", "hf", "--checksums", "--write-manifest", "pins.json", "--json"], 0),
     "compare-flipped-json": (["compare", "hf", "flipped", "--json"], 1),
-    "roundtrip-edited-index-json": (["roundtrip", "edited", "--model-type", "LLAMA3", "--json"], 1),
+    "roundtrip-edited-index-json": (["roundtrip", "edited", "--model-type", "LLAMA3", "--json"], 0),
     "inspect-missing-path": (["inspect", "nowhere"], 2),
-    "roundtrip-wrong-model-type-json": (["roundtrip", "hf", "--model-type", "LLAMA4", "--json"], 2),
+    "roundtrip-wrong-model-type-json": (["roundtrip", "hf", "--model-type", "LLAMA4", "--json", "--force"], 2),
     "inspect-malformed": (["inspect", "malformed.safetensors"], 2),
     "usage-no-command": ([], 2),
 }
@@ -185,8 +185,10 @@ def test_json_contents(results, ws: Path) -> None:
     flipped = json.loads(results["compare-flipped-json"].stdout)
     (p,) = flipped["problems"]
     assert p["kind"] == "data" and p["tensor"] and p["byte_range"][1] - p["byte_range"][0] == 1
-    edited = json.loads(results["roundtrip-edited-index-json"].stdout)
-    assert [p["kind"] for p in edited["problems"]] == ["index"] and "total_size" in edited["problems"][0]["message"]
+    edited = json.loads(results["roundtrip-edited-index-json"].stdout)  # the input's flaw, not a regression
+    assert edited["problems"] == [] and not edited["byte_identical"]
+    assert [w["kind"] for w in edited["warnings"]] == ["input-inconsistent"]
+    assert "total_size" in edited["warnings"][0]["message"]
 
 
 # ------------------------------------------------------------------------------------- in-process (main)
@@ -227,10 +229,10 @@ def test_more_failure_modes(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     code, _, err = _main(["convert", str(ws / "noconfig"), str(tmp_path / "z"), "--to", "tune", "--model-type",
                           "LLAMA3"], capsys)
     _one_line_error(code, err, "config.json")
-    code, _, err = _main(["roundtrip", hf], capsys)
-    _one_line_error(code, err, "needs --model-type")
+    code, _, err = _main(["roundtrip", hf], capsys)  # a llama config: LLAMA2, LLAMA3 or LLAMA3_2
+    _one_line_error(code, err, "fits several model types (LLAMA2, LLAMA3, LLAMA3_2)")
     code, _, err = _main(["convert", hf, str(tmp_path / "x"), "--to", "tune"], capsys)
-    _one_line_error(code, err, "needs --model-type")
+    _one_line_error(code, err, "pass --model-type")
     code, _, err = _main(["convert", hf, str(tmp_path / "x"), "--to", "tune", "--model-type", "LLAMA3",
                           "--max-shard-size", "lots"], capsys)
     _one_line_error(code, err, "max_shard_size")
@@ -239,7 +241,7 @@ def test_more_failure_modes(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     code, _, err = _main(["convert", hf, str(tmp_path / "full"), "--to", "tune", "--model-type", "LLAMA3"], capsys)
     _one_line_error(code, err, "--overwrite")
     code, _, err = _main(["convert", hf, str(tmp_path / "y"), "--to", "hf"], capsys)
-    _one_line_error(code, err, "model type")
+    _one_line_error(code, err, "already a Hugging Face checkpoint")
     (tmp_path / "bad.json").write_text("{")
     code, _, err = _main(["verify", hf, "--against", str(tmp_path / "bad.json")], capsys)
     _one_line_error(code, err, "manifest")
@@ -256,7 +258,7 @@ def test_model_type_without_converter(ws: Path, monkeypatch: pytest.MonkeyPatch,
     from shardwise.constants import ModelType
 
     monkeypatch.delitem(_REGISTRY, ModelType.GEMMA)
-    code, _, err = _main(["roundtrip", str(ws / "hf"), "--model-type", "GEMMA"], capsys)
+    code, _, err = _main(["roundtrip", str(ws / "hf"), "--model-type", "GEMMA", "--force"], capsys)
     _one_line_error(code, err, "not supported")
 
 
@@ -267,10 +269,10 @@ def test_lowercase_model_type_and_quiet(ws: Path, tmp_path: Path, capsys) -> Non
 
 def test_convert_back_and_forth(ws: Path, tmp_path: Path, capsys) -> None:
     code, _, _ = _main(["convert", str(ws / "hf"), str(tmp_path / "tune"), "--to", "tune", "--model-type",
-                        "MISTRAL", "--max-shard-size", "10kB"], capsys)
+                        "LLAMA2", "--max-shard-size", "10kB"], capsys)
     assert code == 0
     code, out, _ = _main(["convert", str(tmp_path / "tune"), str(tmp_path / "back"), "--to", "hf", "--json"], capsys)
-    assert code == 0 and json.loads(out)["model_type"] == "MISTRAL"
+    assert code == 0 and json.loads(out)["model_type"] == "LLAMA2"  # recorded in shardwise-origin.json
     code, out, _ = _main(["compare", str(ws / "hf"), str(tmp_path / "back")], capsys)
     assert code == 0 and out.rstrip().endswith("OK")
     code, out, _ = _main(["verify", str(tmp_path / "back"), "--against", str(ws / "pins.json")], capsys)

@@ -147,7 +147,7 @@ def test_failures_fail_every_rank_and_publish_nothing(tmp_path: Path) -> None:
     res = run_ranks(S.fail_one_rank, 2, full, str(out2), "kill", 1, allow_errors=True)
     assert res[1] == ("died", -9)
     assert isinstance(res[0], str) and res[0] != "saved", res[0]  # an error, within the bounded wait
-    print("rank 0 after its peer was killed:", res[0][:300])
+    assert "timed out" not in res[0].lower(), res[0]  # from the lost peer, not the process group's timeout
     _assert_previous_intact(tmp_path, out2, full)
 
     out3 = tmp_path / "ckpt3"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import ModelConfig
 from .constants import (
     ADAPTER_CONFIG,
     ADAPTER_KEY,
@@ -26,17 +25,21 @@ from .constants import (
     ModelType,
 )
 from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError, HeaderError
-from .paths import FormattedCheckpointFiles, get_largest_iter_folder
 
 if TYPE_CHECKING:
     from .checkpointer import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+    from .config import ModelConfig
+    from .paths import FormattedCheckpointFiles, get_largest_iter_folder
     from .report import Problem, Report, compare, roundtrip, verify
 
 __version__ = "0.1.0"
 
 #: loaded on first use: the checkpointer imports torch (``shardwise --version``, ``inspect``, ``verify``
-#: and ``compare`` of headers start without the seconds that takes), the reports numpy
+#: and ``compare`` of headers start without the seconds that takes), the reports numpy; the command
+#: line starts handling Ctrl-C as early as it can
 _LAZY = {
+    "ModelConfig": "config",
+    **dict.fromkeys(("FormattedCheckpointFiles", "get_largest_iter_folder"), "paths"),
     **dict.fromkeys(("FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"), "checkpointer"),
     **dict.fromkeys(("Problem", "Report", "compare", "roundtrip", "verify"), "report"),
 }

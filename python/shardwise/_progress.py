@@ -8,6 +8,9 @@ the GIL released and reports nothing) the bytes this process has written so far,
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import shutil
 import sys
 import threading
 import time
@@ -73,7 +76,8 @@ class Progress:
 
             self._bar = tqdm(
                 total=self.total or None, desc=label, file=self.stream, unit=unit, unit_scale=True,
-                unit_divisor=1000, delay=delay, mininterval=interval, smoothing=0.05, leave=False, dynamic_ncols=True,
+                unit_divisor=1000, delay=delay, mininterval=interval, smoothing=0.05, leave=False,
+                ncols=_columns(self.stream),
                 bar_format=None if self.total else "{desc} {elapsed}",  # unknown total: a ticking clock
             )
 
@@ -137,6 +141,7 @@ class Progress:
                 with self._lock:
                     if self._bar is not None and time.monotonic() >= self._shown_after:
                         self._bar.refresh()
+                        self._bar.last_print_t = self._bar._time()  # so that close() erases it
 
         thread = threading.Thread(target=tick, name="shardwise-progress", daemon=True)
         thread.start()
@@ -154,6 +159,15 @@ class Progress:
                 self._bar.close()
                 self._bar = None
             self.enabled = False
+
+
+def _columns(stream: TextIO) -> int:
+    """The terminal's width; $COLUMNS or 100 where it reports none (a fresh pseudo-terminal says 0)."""
+    try:
+        cols = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        cols = 0
+    return cols or shutil.get_terminal_size((100, 24)).columns
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -6,6 +6,7 @@ Used by the ``shardwise`` command and the report functions (``report_*.py``, ``t
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -19,7 +20,8 @@ from .errors import CheckpointError, CheckpointIOError
 from .paths import safe_join
 
 __all__ = [
-    "FileInfo", "Index", "Scan", "TensorInfo", "not_a_folder", "read_files", "scan", "side_files", "structure_problems",
+    "FileInfo", "Index", "IndexTruth", "Scan", "TensorInfo", "index_truth", "not_a_folder", "read_files", "scan",
+    "side_files", "structure_problems",
 ]
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -116,6 +118,21 @@ class Scan:
     def path(self, name: str) -> Path:
         return safe_join(self.root, name, "shard")
 
+    @property
+    def follows_index(self) -> bool:
+        """A well-formed index that names shards: a load reads those, as transformers does."""
+        return self.index is not None and self.index.error is None and bool(self.listed)
+
+    @property
+    def loadable(self) -> list[str]:
+        """The shards a load reads: the index's (numeric order), else every weight file."""
+        return [n for n in self.shards if n in self.listed] if self.follows_index else list(self.shards)
+
+    @property
+    def strays(self) -> list[str]:
+        """Weight files the index does not list (e.g. an older save's shard that repeats some tensors)."""
+        return [n for n in self.shards if n not in self.listed] if self.follows_index else []
+
 
 def not_a_folder(p: Path) -> CheckpointIOError:
     """The error for a checkpoint folder argument that is missing or is a file."""
@@ -190,6 +207,8 @@ class FileInfo:
     header: _core.SafetensorsHeader | None = None
     tensors: list[TensorInfo] = field(default_factory=list)
     error: str | None = None
+    #: torch files: tensor bytes with each storage once (tied weights share one in the pickle)
+    stored_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -304,7 +323,36 @@ def _torch_info(name: str, p: Path, strict: bool) -> FileInfo:
         TensorInfo(k, DTYPE_TO_ST.get(t.dtype, str(t.dtype)), list(t.shape), None, t.numel() * t.element_size())
         for k, t in sd.items()
     ]
-    return FileInfo(name, "torch", _size(p), None, tensors)
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in sd.values()}
+    return FileInfo(name, "torch", _size(p), None, tensors, stored_bytes=sum(storages.values()))
+
+
+@dataclass
+class IndexTruth:
+    """What an index over these shards should say: where each tensor is, the ``total_size`` values
+    that are right (the tensor bytes; for torch files also with each shared storage counted once, as
+    transformers and huggingface_hub count tied weights) and ``total_parameters``."""
+
+    where: dict[str, str]
+    total_sizes: set[int]
+    total_parameters: int
+
+
+def index_truth(s: Scan, files: Iterable[FileInfo]) -> IndexTruth | None:
+    """The truth about the listed (or, without an index, all) shards; None if one is unreadable."""
+    infos = [f for f in files if f.name in s.listed or not s.follows_index]
+    if not all(f.ok for f in infos):
+        return None
+    where: dict[str, str] = {}
+    nbytes = stored = params = 0
+    for f in infos:
+        fresh = [t for t in f.tensors if t.name not in where]
+        for t in fresh:
+            where[t.name] = f.name
+            nbytes += t.nbytes
+            params += math.prod(t.shape)
+        stored += f.stored_bytes if f.stored_bytes is not None else sum(t.nbytes for t in fresh)
+    return IndexTruth(where, {nbytes, stored}, params)
 
 
 def structure_problems(s: Scan, files: Iterable[FileInfo]) -> list[tuple[str, str, str | None, str | None]]:
@@ -358,21 +406,17 @@ def structure_problems(s: Scan, files: Iterable[FileInfo]) -> list[tuple[str, st
         for t in f.tensors:
             if t.name not in wm:
                 problems.append(("unlisted-tensor", f"{t.name}: in {f.name} but not in {index.name}", f.name, t.name))
-    declared = index.metadata.get("total_size")
-    if declared is not None and all(f.ok for f in infos.values()):
-        seen: set[str] = set()
-        actual = 0
-        for f in infos.values():
-            if f.name not in s.listed:
+    truth = index_truth(s, infos.values())
+    if truth is not None:
+        for field_name, right in (("total_size", truth.total_sizes), ("total_parameters", {truth.total_parameters})):
+            declared = index.metadata.get(field_name)
+            if declared is None:
                 continue
-            for t in f.tensors:
-                if t.name not in seen:
-                    seen.add(t.name)
-                    actual += t.nbytes
-        if not isinstance(declared, int) or isinstance(declared, bool) or declared != actual:
-            problems.append((
-                "total-size",
-                f"{index.name}: metadata.total_size is {declared!r}, the shards hold {actual} bytes of tensors",
-                index.name, None,
-            ))
+            if not isinstance(declared, int) or isinstance(declared, bool) or declared not in right:
+                what = "bytes of tensors" if field_name == "total_size" else "tensor elements"
+                problems.append((
+                    "total-size",
+                    f"{index.name}: metadata.{field_name} is {declared!r}, the shards hold {min(right)} {what}",
+                    index.name, None,
+                ))
     return problems

@@ -7,7 +7,6 @@ native writer (``layout``, ``_core``), adapters (``peft``) and recipe state (``r
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import _core, peft
+from ._logging import get_logger
 from .config import ModelConfig
 from .constants import (
     ADAPTER_CONFIG,
@@ -38,13 +38,14 @@ from .layout import (
     count_params,
     index_bytes,
     index_name,
-    made,
     plan_shards,
     read_index,
     torch_ready,
     write_safetensors_shards,
     write_tensors,
+    write_torch_shards,
 )
+from .model_types import model_type_mismatch
 from .paths import (
     STAGING_MARK,
     FormattedCheckpointFiles,
@@ -52,18 +53,20 @@ from .paths import (
     copy_files,
     get_largest_iter_folder,
     is_staging_name,
+    make_dir,
     resolve_checkpoint_files,
+    user_path,
 )
 from .recipe_state import (
-    atomic_torch_save,
     commit,
     load_recipe_state,
     recipe_keys,
     recipe_state_folder,
+    save_torch_file,
     stage_torch_save,
 )
 from .remote import is_url
-from .shards import SourceFile, load_merged, read_sources, with_file
+from .shards import SourceFile, check_sources_intact, load_merged, read_sources, with_file
 
 #: ``recipe_state.pt`` of a collective save lists its DCP-saved keys under this name (dcp.collective)
 SHARDED_KEYS = "_shardwise_dcp_keys"
@@ -73,7 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FormattedCheckpointFiles", "FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 
 class UnknownModelTypeError(ConfigError, KeyError):
@@ -178,6 +181,9 @@ class FullModelHFCheckpointer:
             raise ValueError(f"{self._checkpoint_dir} is not a valid directory.")
 
         self._config = ModelConfig.from_file(self._checkpoint_dir / "config.json")
+        mismatch = model_type_mismatch(self._model_type, self._config, str(self._checkpoint_dir / "config.json"))
+        if mismatch is not None:
+            logger.warning("%s; check model_type", mismatch)
         self._converter = get_converter(self._model_type)
         self._converter.validate_config(self._config)
 
@@ -201,8 +207,9 @@ class FullModelHFCheckpointer:
         self._key_source: dict[str, SourceFile] = {}
         self._aside: dict[str, torch.Tensor] = {}
         self._orig_index: tuple[Path, bytes, dict[str, Any]] | None = None
+        self._notes: list[tuple[str, tuple[object, ...], str]] = []
 
-        self._output_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self._output_dir)
         if self._should_load_recipe_state:
             logger.info(
                 "Loading the recipe state using: \n\tcheckpoint_paths: %s\n\trecipe_checkpoint: %s"
@@ -248,7 +255,7 @@ class FullModelHFCheckpointer:
         if not self._should_load_recipe_state:
             return None
         if adapter_checkpoint:
-            p = self._output_dir / adapter_checkpoint
+            p = user_path(self._output_dir, adapter_checkpoint, "adapter_checkpoint")
             if not p.is_file():
                 raise ValueError(
                     f"adapter_checkpoint {adapter_checkpoint!r} not found: {p} does not exist "
@@ -268,7 +275,7 @@ class FullModelHFCheckpointer:
         if not self._should_load_recipe_state:
             return None
         p = (
-            self._output_dir / recipe_checkpoint
+            user_path(self._output_dir, recipe_checkpoint, "recipe_checkpoint")
             if recipe_checkpoint
             else self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
         )
@@ -293,8 +300,8 @@ class FullModelHFCheckpointer:
         latest checkpoint folder (also when given as absolute paths into ``checkpoint_dir``, which
         torchtune would silently resolve to the base weights)."""
         resuming_full = self._should_load_recipe_state and self._adapter_checkpoint is None
-        if not resuming_full:
-            return resolve_checkpoint_files(checkpoint_files, self._checkpoint_dir)
+        if not resuming_full:  # torchtune's output names find a shardwise folder (e.g. a generation config)
+            return resolve_checkpoint_files(checkpoint_files, self._checkpoint_dir, torchtune_names=True)
         latest = self._resume_folder
         try:
             paths = resolve_checkpoint_files(checkpoint_files, self._output_dir, torchtune_names=True)
@@ -452,17 +459,20 @@ class FullModelHFCheckpointer:
                 )
             from .dcp.collective import save_collective
 
+            self._notes = []
             save_collective(self, state_dict, model, adapter, final, intermediate_checkpoint, cap)
+            self._log_notes(final)
             logger.info("Checkpoint saved to %s (collectively: every rank wrote its own rows)", final)
             if self._keep_last_n is not None and _is_rank_zero():
                 self._prune(dir_prefix, keep=final.name)
             return
-        self._output_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self._output_dir)
         _remove_stale_leftovers(self._output_dir)
         staging = self._output_dir / f".{final.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         recipe_path = self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
         recipe_tmp: Path | None = None
-        staging.mkdir()
+        make_dir(staging, "staging folder")
+        self._notes = []
         try:
             if self._remote_out:
                 self._remote.begin(final.name)  # type: ignore[union-attr]
@@ -491,6 +501,7 @@ class FullModelHFCheckpointer:
             raise
         if self._remote_out:
             shutil.rmtree(staging, ignore_errors=True)
+        self._log_notes(final)
         logger.info("Checkpoint saved to %s", self._remote.target_url if self._remote_out else final)  # type: ignore[union-attr]
         # publish_dir deletes a replaced folder best-effort; whatever it left (at the staging name, or
         # renamed aside where the exchange is unsupported) is ours to remove, and worth a warning
@@ -528,6 +539,18 @@ class FullModelHFCheckpointer:
         elif self._keep_last_n is not None:
             self._prune(dir_prefix, keep=final.name)
 
+    def _note(self, fmt: str, *args: object) -> None:
+        """Keep a line about a file written into the staging folder (its path is the last argument);
+        ``save_checkpoint`` logs it under the final folder name once the folder is published."""
+        *head, path = args
+        self._notes.append((fmt, tuple(head), Path(str(path)).name))
+
+    def _log_notes(self, final: Path) -> None:
+        """Log the kept lines with the paths a user will find (``final/<file>``)."""
+        for fmt, args, name in self._notes:
+            logger.info(fmt, *args, final / name)
+        self._notes = []
+
     def _ensure_sources(self) -> None:
         if self._weight_map is None:
             # save before load: the layout comes from the input files (tensors stay mapped, unread)
@@ -545,24 +568,27 @@ class FullModelHFCheckpointer:
 
     def _write_model(self, model: Mapping[str, torch.Tensor], folder: Path, cap: int | None) -> None:
         plan, ops = self._plan(model, cap)
-        if self._safe_serialization and self._remote_out:
-            self._remote.upload_shards(plan)  # type: ignore[union-attr]
-        elif self._safe_serialization:
-            write_safetensors_shards(plan, folder)
-        else:
-            for shard in plan.shards:
-                tensors = {op.key: torch_ready(made(op)) for op in shard.ops}
-                atomic_torch_save(tensors, folder / shard.name, fsync=False)
-                del tensors
+        total_size = None
+        check_sources_intact(self._sources)  # before any mapped page is read
+        try:
+            if self._safe_serialization and self._remote_out:
+                self._remote.upload_shards(plan)  # type: ignore[union-attr]
+            elif self._safe_serialization:
+                write_safetensors_shards(plan, folder)
+            else:
+                total_size = write_torch_shards(plan, folder)
+        except CheckpointIOError:
+            check_sources_intact(self._sources)  # a read of a truncated mapping fails as the write (EFAULT)
+            raise
         where = self._remote.target_url if self._remote_out else str(folder)  # type: ignore[union-attr]
         for shard in plan.shards:
-            logger.info("Model checkpoint of size %s saved to %s/%s", _gib(shard.nbytes), where, shard.name)
+            self._note("Model checkpoint of size %s saved to %s/%s", _gib(shard.nbytes), where, shard.name)
         if plan.write_index:
             original = None
             if self._orig_index is not None:
                 original = (self._orig_index[1], self._orig_index[2])
             name = index_name(self._safe_serialization)
-            (folder / name).write_bytes(index_bytes(plan, original, count_params(ops)))
+            (folder / name).write_bytes(index_bytes(plan, original, count_params(ops), total_size))
 
     def _write_adapter_files(
         self, state_dict: Mapping[str, Any], adapter: Mapping[str, torch.Tensor] | None, folder: Path
@@ -576,8 +602,8 @@ class FullModelHFCheckpointer:
             reason = f"PEFT has no equivalent for ModelType.{self._model_type.name} adapters"
         if adapter is not None:
             pt = folder / f"{ADAPTER_MODEL_FNAME}.pt"
-            atomic_torch_save({k: torch_ready(v) for k, v in adapter.items()}, pt, fsync=False)
-            logger.info("Adapter checkpoint of size %s saved to %s", _gib(pt.stat().st_size), pt)
+            save_torch_file({k: torch_ready(v) for k, v in adapter.items()}, pt)
+            self._note("Adapter checkpoint of size %s saved to %s", _gib(pt.stat().st_size), pt)
             if reason is None:
                 try:
                     export = peft.tune_to_peft_adapter(adapter, self._model_type, self._config)
@@ -610,7 +636,7 @@ class FullModelHFCheckpointer:
             return
         out = folder / f"{ADAPTER_CONFIG_FNAME}.json"
         out.write_text(json.dumps(cfg, indent=2) + "\n")
-        logger.info("Adapter config saved to %s", out)
+        self._note("Adapter config saved to %s", out)
 
     def _write_peft_weights(self, export: peft.PeftAdapter, folder: Path) -> None:
         weights = {k: torch_ready(v) for k, v in export.weights.items()}
@@ -619,8 +645,8 @@ class FullModelHFCheckpointer:
             write_tensors(out, weights, export.metadata())
         else:
             out = folder / f"{ADAPTER_MODEL_FNAME}.bin"
-            atomic_torch_save(weights, out, fsync=False)
-        logger.info("Adapter checkpoint of size %s saved to %s", _gib(out.stat().st_size), out)
+            save_torch_file(weights, out)
+        self._note("Adapter checkpoint of size %s saved to %s", _gib(out.stat().st_size), out)
 
     def _prune(self, prefix: str, keep: str | None = None) -> None:
         """Delete all but the newest ``keep_last_n_checkpoints`` complete ``{prefix}_N`` folders (never
@@ -676,11 +702,18 @@ def _is_rank_zero() -> bool:
 
 
 def _check_tensors(d: Any, what: str) -> None:
+    """Every value a tensor with data (not a meta tensor, not sparse), before anything is written."""
     if not isinstance(d, Mapping):
         raise ConversionError(f"state_dict[{what!r}] must be a dict of tensors, got {type(d).__name__}")
     for k, v in d.items():
         if not isinstance(v, torch.Tensor):
             raise ConversionError(f"state_dict[{what!r}][{k!r}] is a {type(v).__name__}, not a torch.Tensor")
+        if v.is_meta or v.layout != torch.strided:
+            kind = "a meta tensor" if v.is_meta else f"a {v.layout} tensor"
+            raise ConversionError(
+                f"state_dict[{what!r}][{k!r}] is {kind}: it has no data to save (materialize the weights "
+                "first, e.g. load them or call model.to_empty() and initialize)"
+            )
 
 
 _LEFTOVER = re.compile(re.escape(STAGING_MARK) + r"(?:old-|tmp-)?(\d+)(?:-|$)")

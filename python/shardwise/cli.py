@@ -13,8 +13,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,26 +43,64 @@ def _cmd_verify(a: argparse.Namespace) -> Report:
     )
 
 
-def _cmd_convert(a: argparse.Namespace) -> Report:
-    if a.to == "tune" and not a.model_type:
-        raise _Usage("convert --to tune needs --model-type (e.g. --model-type LLAMA3)")
-    from .tunedir import convert_checkpoint
+@contextlib.contextmanager
+def _starting(a: argparse.Namespace) -> Iterator[None]:
+    """A ticking ``starting (import torch)`` line while the commands that build tensors import torch
+    (seconds, before any bar of their own could be drawn)."""
+    from ._progress import Progress
 
+    with Progress(0, "starting (import torch)", enabled=not a.quiet) as bar, bar.ticking():
+        yield
+
+
+def _model_type_for(folder: str, given: str | None, force: bool, what: str) -> str | None:
+    """``--model-type`` checked against ``folder/config.json`` (a contradiction is a usage error unless
+    ``--force``), or inferred from it when omitted (an ambiguous config names the choices)."""
+    from .checkpointer import _model_type
+    from .config import ModelConfig
+    from .model_types import infer_model_type, model_type_mismatch
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        if given is None:
+            raise _Usage(f"{what} needs --model-type (e.g. --model-type LLAMA3): {path} does not exist to infer it")
+        return given
+    cfg = ModelConfig.from_file(path)
+    if given is None:
+        return infer_model_type(cfg, str(path)).name
+    mismatch = model_type_mismatch(_model_type(given), cfg, str(path))
+    if mismatch is not None and not force:
+        raise _Usage(f"{mismatch}; pass --force to go ahead anyway")
+    return given
+
+
+def _cmd_convert(a: argparse.Namespace) -> Report:
     with _local(a.src) as src, _published(a.dst, a.overwrite) as dst:
+        with _starting(a):
+            from .tunedir import convert_checkpoint
+
+            model_type = a.model_type
+            if a.to == "tune" or model_type is not None:  # --to hf without one: the origin records it
+                model_type = _model_type_for(str(src), model_type, a.force, f"convert --to {a.to}")
         report = convert_checkpoint(
-            src, dst, a.model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
+            src, dst, model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
             progress=not a.quiet,
         )
     return _named(report, a.src, "output", a.dst)
 
 
 def _cmd_roundtrip(a: argparse.Namespace) -> Report:
-    if a.path is not None and not a.model_type:
-        raise _Usage("roundtrip DIR needs --model-type (e.g. --model-type LLAMA3)")
-    from .report import roundtrip
-
     with _local(a.path) as path:
-        return _named(roundtrip(path, a.model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet), a.path)
+        with _starting(a):
+            import torch  # noqa: F401  (roundtrip needs it; imported under the start-up line)
+
+            from .report import roundtrip
+
+            model_type = a.model_type
+            if path is not None:
+                model_type = _model_type_for(str(path), model_type, a.force, "roundtrip DIR")
+        report = roundtrip(path, model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
+    return _named(report, a.path)
 
 
 def _cmd_compare(a: argparse.Namespace) -> Report:
@@ -153,13 +192,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     s.add_argument("dst", metavar="DST", help="output folder (published atomically; must be new or empty)")
     s.add_argument("--to", required=True, choices=["tune", "hf"],
                    help="tune: HF → torchtune keys; hf: a folder written by --to tune → HF")
-    s.add_argument("--model-type", metavar="X", help="ModelType name, e.g. LLAMA3 (--to hf: default from SRC)")
+    s.add_argument("--model-type", metavar="X",
+                   help="ModelType name, e.g. LLAMA3 (default: --to tune from config.json, --to hf from the origin)")
+    s.add_argument("--force", action="store_true", help="go ahead when --model-type contradicts config.json")
     s.add_argument("--max-shard-size", metavar="SIZE", help="re-shard: 5GB, 500MiB or bytes")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     s = add("roundtrip", "HF → torchtune → HF and compare (exit 1 on differences)", _cmd_roundtrip)
     s.add_argument("path", metavar="DIR", nargs="?", help="checkpoint folder (default: a generated sample)")
-    s.add_argument("--model-type", metavar="X", help="ModelType name, e.g. LLAMA3 (needed with DIR)")
+    s.add_argument("--model-type", metavar="X", help="ModelType name, e.g. LLAMA3 (default: from DIR/config.json)")
+    s.add_argument("--force", action="store_true", help="go ahead when --model-type contradicts config.json")
     s.add_argument("--workdir", metavar="DIR", help="where to put the temporary folder (default: system temp)")
     s.add_argument("--keep", metavar="DIR",
                    help="keep every intermediate folder in DIR: sample/ (the generated sample, without a "
@@ -206,16 +248,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:  # a typo in a subcommand's option: that subcommand's usage, not the top-level one
             subs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         command = f" {args.command}"
-        return _run(args)
-    except KeyboardInterrupt:
+        code = _run(args)
+        if argv is None:  # the program itself: the work is done, a late Ctrl-C must not break the exit
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
+    except KeyboardInterrupt:  # the work's own handlers have removed what it had started
         print(f"shardwise{command}: interrupted", file=sys.stderr)
+        if argv is None:  # the program itself: exit 130 even where an interrupted import (torch runs
+            sys.stdout.flush()  # code through PyRun_*) has latched "die by SIGINT at exit" in CPython
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    from ._logging import LOGGER_NAME
     from .errors import CheckpointError
     from .report import SCHEMA_VERSION
 
+    # the report says what happened; the library's log lines (saved to ..., warnings the report repeats)
+    # would only clutter stderr, which holds at most the one error line
+    logging.getLogger(LOGGER_NAME).setLevel(logging.DEBUG if os.environ.get("SHARDWISE_DEBUG") else logging.ERROR)
     input_errors = (CheckpointError, OSError, NotImplementedError, KeyError, ValueError, _Usage)
     run: Callable[[argparse.Namespace], Report] = args.run
     try:

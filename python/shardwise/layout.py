@@ -9,7 +9,6 @@ write ("fresh canonical layout"), keeping the original ``__metadata__``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,11 +19,13 @@ from typing import Any
 import torch
 
 from . import _core
+from ._logging import get_logger
 from ._scan import parse_index
 from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from .convert.base import Op
 from .errors import ConversionError
-from .shards import DTYPE_TO_ST, SourceFile, byte_view
+from .recipe_state import default_archive_name, save_torch_file
+from .shards import DTYPE_TO_ST, SourceFile, StorageSlot, byte_view
 
 __all__ = [
     "OutputShard",
@@ -35,11 +36,13 @@ __all__ = [
     "plan_shards",
     "shard_bytes",
     "shard_header",
+    "torch_shard_tensors",
     "write_safetensors_shards",
+    "write_torch_shards",
     "write_tensors",
 ]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 DEFAULT_METADATA = {"format": "pt"}
 _HF_SHARD = re.compile(r"^(?P<stem>.+)-(?P<idx>\d+)-of-(?P<n>\d+)$")
@@ -60,7 +63,7 @@ def output_name(src_name: str, safe: bool) -> str:
         if stem.startswith("pytorch_model"):
             stem = "model" + stem[len("pytorch_model") :]
         return f"{stem}.safetensors"
-    if ext == "bin":
+    if ext in ("bin", "pt", "pth"):  # torch formats: the format is kept
         return src_name
     if ext == "safetensors" and stem.startswith("model"):
         stem = "pytorch_model" + stem[len("model") :]
@@ -213,6 +216,8 @@ def fresh_header(
 def made(op: Op) -> torch.Tensor:
     """Run ``op`` and check that it produced the dtype and shape it announced (the header's)."""
     t = op.make()
+    if t.is_meta:
+        raise ConversionError(f'"{op.key}": a meta tensor has no data to save')
     if t.dtype != op.dtype or tuple(t.shape) != op.shape:
         raise ConversionError(
             f'"{op.key}": conversion produced {t.dtype} {tuple(t.shape)}, expected {op.dtype} {op.shape}'
@@ -261,23 +266,117 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
     _core.write_file(str(path), header, pieces, False)
 
 
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def _shared_views(
+    storage: torch.UntypedStorage, items: Sequence[tuple[str, StorageSlot, torch.Tensor]]
+) -> dict[str, torch.Tensor] | None:
+    """The tensors as views of one new storage laid out like ``storage`` (bytes no tensor covers are
+    copied from it), or None when the values no longer allow sharing (tied weights that diverged)."""
+    buf = torch.empty(storage.nbytes(), dtype=torch.uint8)
+    buf.untyped_storage().copy_(storage)
+    views: dict[str, torch.Tensor] = {}
+    try:
+        for key, slot, t in items:
+            if slot.same_as in views:  # one tensor under two keys in the source pickle: again one object
+                v = views[slot.same_as]
+                if v.dtype != t.dtype or v.shape != t.shape:
+                    return None
+            else:
+                v = torch.empty(0, dtype=t.dtype).set_(buf.untyped_storage(), slot.offset, t.shape, slot.stride)
+            v.copy_(t.detach())
+            views[key] = v
+    except RuntimeError:  # e.g. a self-overlapping (expanded) view cannot be written into
+        return None
+    if all(torch.equal(_flat_bytes(views[k]), _flat_bytes(t)) for k, _, t in items):
+        return views
+    return None
+
+
+def torch_shard_tensors(shard: OutputShard) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.bin``/``.pt`` shard, ready for ``torch.save``: in the source file's key order
+    (new keys last), and, where the source pickled several tensors into one storage (tied weights, views
+    of a larger storage), again views of one storage with the same offsets and strides, as long as
+    their current values agree; otherwise each tensor alone. Unchanged weights so pickle identically."""
+    tensors = {op.key: made(op) for op in shard.ops}
+    src = shard.source
+    if src is None or not src.storage:
+        return {k: torch_ready(t) for k, t in tensors.items()}
+    order = {k: i for i, k in enumerate(src.keys)}
+    keys = sorted(tensors, key=lambda k: order.get(k, len(order)))
+    users: dict[int, int] = {}
+    for slot in src.storage.values():
+        users[slot.index] = users.get(slot.index, 0) + 1
+    groups: dict[int, list[tuple[str, StorageSlot, torch.Tensor]]] = {}
+    for k in keys:
+        slot, t = src.storage.get(k), tensors[k]
+        if slot is None or src.dtypes.get(k) != t.dtype or src.shapes.get(k) != tuple(t.shape):
+            continue
+        storage = src.storages[slot.index]
+        alone = (
+            users[slot.index] == 1 and slot.offset == 0 and storage.nbytes() == t.nbytes
+            and (t.numel() <= 1 or slot.stride == torch.empty(t.shape).stride())
+        )
+        if not alone:
+            groups.setdefault(slot.index, []).append((k, slot, t))
+    rebuilt: dict[str, torch.Tensor] = {}
+    for index, items in groups.items():
+        views = _shared_views(src.storages[index], items)
+        if views is None:
+            logger.debug("%s: %s no longer share values; saved separately", shard.name, [k for k, _, _ in items])
+        else:
+            rebuilt.update(views)
+    return {k: rebuilt[k] if k in rebuilt else torch_ready(tensors[k]) for k in keys}
+
+
+def stored_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of tensor data a torch file holds: each storage once (tied weights share one)."""
+    sizes = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors.values()}
+    return sum(sizes.values())
+
+
+def write_torch_shards(plan: SavePlan, folder: Path) -> int:
+    """Write every shard of ``plan`` into ``folder`` with ``torch.save`` (records named as in the source
+    file, else after the output file); one shard's tensors in memory at a time. Returns the bytes of
+    tensor data written (each storage once), the index's ``total_size``."""
+    total = 0
+    for shard in plan.shards:
+        tensors = torch_shard_tensors(shard)
+        total += stored_bytes(tensors)
+        src = shard.source
+        # records named after the file follow a renamed shard; any other prefix (archive/) is kept
+        archive = src.archive if src is not None and src.archive != default_archive_name(src.path) else None
+        save_torch_file(tensors, folder / shard.name, archive)
+        del tensors
+    return total
+
+
 def index_name(safe: bool) -> str:
     return SAFETENSOR_INDEX_FNAME if safe else TORCH_INDEX_FNAME
 
 
-def index_bytes(plan: SavePlan, original: tuple[bytes, dict[str, Any]] | None, n_params: int) -> bytes:
+def index_bytes(
+    plan: SavePlan, original: tuple[bytes, dict[str, Any]] | None, n_params: int, total_size: int | None = None
+) -> bytes:
     """The index file: the original bytes when its content is unchanged; otherwise HF's format
-    (``indent=2, sort_keys=True`` and a newline) with the original metadata kept and sizes updated."""
+    (``indent=2, sort_keys=True`` and a newline) with everything else the original had kept (unknown
+    top-level keys, unknown metadata fields) and the derived fields updated (``total_size``: the tensor
+    bytes written, by default the plan's; ``total_parameters`` when it had one)."""
     weight_map = plan.weight_map
+    content: dict[str, Any] = {}
     meta: dict[str, Any] = {}
     if original is not None:
+        content.update({k: v for k, v in original[1].items() if k not in ("metadata", "weight_map")})
         orig_meta = original[1].get("metadata")
         if isinstance(orig_meta, dict):
             meta.update(orig_meta)
-    meta["total_size"] = plan.total_size
+    meta["total_size"] = plan.total_size if total_size is None else total_size
     if "total_parameters" in meta:
         meta["total_parameters"] = n_params
-    content = {"metadata": meta, "weight_map": weight_map}
+    content.update(metadata=meta, weight_map=weight_map)
     if original is not None and original[1] == content:
         return original[0]
     return (json.dumps(content, indent=2, sort_keys=True) + "\n").encode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -11,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import _core
+from ._logging import get_logger
 from .constants import SUFFIXES_TO_NOT_COPY
 from .errors import CheckpointError, CheckpointIOError
 
@@ -22,11 +22,13 @@ __all__ = [
     "get_largest_iter_folder",
     "get_path",
     "is_staging_name",
+    "make_dir",
+    "user_path",
     "resolve_checkpoint_files",
     "safe_join",
 ]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 STAGING_MARK = ".shardwise-"
 
@@ -87,15 +89,31 @@ def safe_join(folder: Path, name: str, what: str = "file") -> Path:
     return folder / p
 
 
+def user_path(folder: Path, name: str | os.PathLike[str], what: str = "Checkpoint file") -> Path:
+    """``folder / name`` for a path a user gave relative to ``folder`` (``checkpoint_files``,
+    ``recipe_checkpoint``, ``adapter_checkpoint``): absolute is used as is (as in torchtune), a relative
+    one must not climb out of ``folder`` with ``..``."""
+    fn = Path(name)
+    if not fn.is_absolute() and ".." in fn.parts:
+        raise ValueError(f"{what} name {str(name)!r} escapes {folder}")
+    return Path(folder) / fn
+
+
+def make_dir(path: Path, what: str = "output folder") -> None:
+    """``mkdir -p``; a failure (read-only filesystem, a file in the way, no permission) is a
+    ``CheckpointIOError`` naming the folder."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointIOError(e.errno or 5, f"cannot create the {what}: {e.strerror or e}", str(path)) from e
+
+
 def get_path(input_dir: Path, filename: str | os.PathLike[str], missing_ok: bool = False) -> Path:
     """``input_dir / filename`` (an absolute filename is used as is, as in torchtune); must exist."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise ValueError(f"{input_dir} is not a valid directory.")
-    fn = Path(filename)
-    if not fn.is_absolute() and ".." in fn.parts:
-        raise ValueError(f"Checkpoint file name {str(filename)!r} escapes {input_dir}")
-    path = input_dir / fn
+    path = user_path(input_dir, filename)
     if not missing_ok and not path.is_file():
         raise ValueError(f"No file with name: {filename} found in {input_dir}.")
     return path
@@ -112,7 +130,8 @@ def resolve_checkpoint_files(
 
     A user's names may be absolute (as torchtune allows); names read from a checkpoint (an index, a
     manifest) are resolved with ``inside=True`` and must stay inside ``folder``. With
-    ``torchtune_names`` (resuming from a shardwise save), torchtune's output names are accepted too."""
+    ``torchtune_names`` (a checkpointer load of a folder shardwise saved), torchtune's output names
+    are accepted too."""
     names = checkpoint_file_names(checkpoint_files)
     if inside:
         for n in names:
@@ -172,7 +191,11 @@ def _get_or_alias(folder: Path, name: str) -> Path:
         alias = torchtune_alias(Path(folder), name)
         if alias is None:
             raise
-        logger.info("%s: torchtune's name for %s", name, alias)
+        logger.info(
+            "checkpoint_files names %s, which is not in %s: loading %s, the file torchtune would have named so "
+            "(shardwise keeps the input file names)",
+            name, Path(folder), alias,
+        )
         return alias
 
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._scan import FileInfo
+from ._scan import FileInfo, Scan
 
-__all__ = ["PROBLEM_KINDS", "SCHEMA_VERSION", "Problem", "Report", "register_renderer"]
+__all__ = ["PROBLEM_KINDS", "SCHEMA_VERSION", "Problem", "Report", "register_renderer", "stray_warnings"]
 
 #: version of the ``--json`` / ``Report.to_dict()`` schema; bumped on any incompatible change
 SCHEMA_VERSION = 1
@@ -30,6 +30,8 @@ PROBLEM_KINDS = (
     "extra-file", "renamed-file", "extra-tensor", "dtype", "shape", "data", "metadata", "header", "layout",
     # side files (verify --against, compare)
     "side-file",
+    # warnings (roundtrip, convert): the input's own flaws, corrected in the output
+    "input-inconsistent",
 )
 
 
@@ -67,7 +69,9 @@ class Report:
     """The outcome of one check or command. ``ok`` is True when no problem was found.
 
     ``files`` has one entry (a dict) per file, ``stats`` the counts and timings, ``details`` the
-    command's own top-level keys (see ``to_dict``).
+    command's own top-level keys (see ``to_dict``). ``warnings`` are reported but do not fail the
+    check: flaws of the input that the output corrects, files a load ignores (shards the index does
+    not list).
     """
 
     command: str
@@ -76,9 +80,11 @@ class Report:
     files: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found."""
         return not self.problems
 
     @property
@@ -87,7 +93,8 @@ class Report:
         return 0 if self.ok else 1
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` document: ``schema, command, path, ok, <details...>, files, problems, stats``."""
+        """The ``--json`` document: ``schema, command, path, ok, <details...>, files, problems, warnings,
+        stats``."""
         return {
             "schema": SCHEMA_VERSION,
             "command": self.command,
@@ -96,16 +103,23 @@ class Report:
             **self.details,
             "files": self.files,
             "problems": [p.to_dict() for p in self.problems],
+            "warnings": [p.to_dict() for p in self.warnings],
             "stats": self.stats,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict()`` as JSON text (what ``--json`` prints)."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def summary(self, max_problems: int = 40) -> str:
         """A human-readable account: what was checked, per-file status, the problems, a verdict."""
         render, verdict = _RENDERERS.get(self.command, (_render_generic, _verdict))
         lines = render(self)
+        if self.warnings:
+            lines.append(f"{n_of(len(self.warnings), 'warning')}:")
+            lines.extend(f"  {w}" for w in self.warnings[:max_problems])
+            if len(self.warnings) > max_problems:
+                lines.append(f"  ... and {len(self.warnings) - max_problems} more (see --json)")
         if self.problems:
             lines.append(f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}:")
             for p in self.problems[:max_problems]:
@@ -147,6 +161,14 @@ def fmt_dtypes(d: Mapping[str, int]) -> str:
 
 
 
+def index_entry(s: Scan, **extra: Any) -> dict[str, Any] | None:
+    """The ``index`` of a report: name, entries and ``total_size``, plus the command's own keys."""
+    if s.index is None:
+        return None
+    return {"name": s.index.name, "entries": len(s.index.weight_map),
+            "total_size": s.index.metadata.get("total_size"), **extra}
+
+
 def file_entry(f: FileInfo, sha256: str | None = None) -> dict[str, Any]:
     d = f.to_dict()
     d["sha256"] = sha256
@@ -161,6 +183,17 @@ def totals(infos: Sequence[FileInfo], seconds: float) -> dict[str, Any]:
         "file_bytes": sum(f.size or 0 for f in infos),
         "seconds": round(seconds, 6),
     }
+
+
+def stray_warnings(s: Scan) -> list[Problem]:
+    """A warning per weight file the index does not list: a load follows the index, as transformers
+    does, and ignores it (typically an older save's shard that repeats some tensors)."""
+    assert s.index is not None or not s.strays
+    return [
+        Problem("unlisted-file", f"{n}: not listed in {s.index.name if s.index else 'the index'}; ignored "
+                "(a leftover of an older save?)", n)
+        for n in s.strays
+    ]
 
 
 def problems_from(items: Sequence[tuple[str, str, str | None, str | None]]) -> list[Problem]:

@@ -7,12 +7,23 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._progress import Progress, human_bytes
-from ._scan import FileInfo, Scan, TensorInfo, file_format, read_files, scan, side_files, structure_problems
+from ._scan import (
+    FileInfo,
+    Index,
+    IndexTruth,
+    Scan,
+    TensorInfo,
+    file_format,
+    read_files,
+    scan,
+    side_files,
+    structure_problems,
+)
 from .errors import CheckpointError
 from .report_base import CHUNK, Problem, Report, register_renderer
 
@@ -175,56 +186,91 @@ def _compare_file(
 
 
 def _compare_index(
-    exp: Scan, act: Scan, rename: Callable[[str], str]
-) -> tuple[dict[str, Any] | None, list[Problem]]:
+    exp: Scan, act: Scan, rename: Callable[[str], str], truth: IndexTruth | None = None
+) -> tuple[dict[str, Any] | None, list[Problem], list[Problem]]:
+    """The index entry, the differences, and (given the ``truth`` about the expected shards) the
+    differences that are corrections: the expected index was wrong there and the produced one is right."""
     ei, ai = exp.index, act.index
     if ei is None and ai is None:
-        return None, []
+        return None, [], []
     if ei is None:
         assert ai is not None
         return {"name": ai.name, "expected": None, "status": "extra", "first_difference": None}, [
             Problem("index", f"{ai.name}: produced, but the original has no index", ai.name)
-        ]
+        ], []
     if ai is None:
         return {"name": None, "expected": ei.name, "status": "missing", "first_difference": None}, [
             Problem("index", f"{ei.name}: missing from the output", ei.name)
-        ]
+        ], []
     entry: dict[str, Any] = {"name": ai.name, "expected": ei.name, "status": "identical", "first_difference": None}
     if ei.raw == ai.raw:
-        return entry, []
+        return entry, [], []
     import numpy as np
 
     r = first_difference(np.frombuffer(ei.raw, np.uint8), np.frombuffer(ai.raw, np.uint8))
     entry["first_difference"] = {"range": list(r) if r else None, "region": "index", "tensor": None}
     entry["status"] = "different"
-    problems = []
+    problems: list[Problem] = []
+    fixed: list[Problem] = []
     if ei.error or ai.error:
         for side, idx in (("expected", ei), ("produced", ai)):
             if idx.error:
                 problems.append(Problem("index", f"{idx.name} ({side}): {idx.error}", ai.name, None, r))
-        return entry, problems
+        return entry, problems, []
+
+    def differs(message: str, tensor: str | None, corrected: bool) -> None:
+        if corrected:
+            fixed.append(Problem("input-inconsistent", f"input inconsistent, corrected in the output: {message}",
+                                 ei.name, tensor))
+        else:
+            problems.append(Problem("index", message, ai.name, tensor))
+
+    where = {k: rename(v) for k, v in truth.where.items()} if truth is not None else None
     ew = {k: rename(v) for k, v in ei.weight_map.items()}
     aw = ai.weight_map
     for k in sorted(ew.keys() - aw.keys()):
-        problems.append(Problem("index", f"{ai.name}: entry {k} ({ew[k]}) is missing", ai.name, k))
+        differs(f"{ai.name}: entry {k} ({ew[k]}) is missing", k, where is not None and k not in where)
     for k in sorted(aw.keys() - ew.keys()):
-        problems.append(Problem("index", f"{ai.name}: unexpected entry {k} ({aw[k]})", ai.name, k))
+        differs(f"{ai.name}: unexpected entry {k} ({aw[k]})", k, where is not None and where.get(k) == aw[k])
     for k in sorted(ew.keys() & aw.keys()):
         if ew[k] != aw[k]:
-            problems.append(Problem("index", f"{ai.name}: {k} is in {aw[k]}, was in {ew[k]}", ai.name, k))
+            differs(f"{ai.name}: {k} is in {aw[k]}, was in {ew[k]}", k, where is not None and where.get(k) == aw[k])
+    right = {} if truth is None else {"total_size": truth.total_sizes, "total_parameters": {truth.total_parameters}}
     em, am = ei.metadata, ai.metadata
     for k in sorted(em.keys() | am.keys()):
-        if em.get(k) != am.get(k):
-            problems.append(Problem("index", f"{ai.name}: metadata.{k} is {am.get(k)!r}, was {em.get(k)!r}", ai.name))
+        if em.get(k) == am.get(k):
+            continue
+        if k in right and am.get(k) in right[k] and em.get(k) in right[k]:
+            continue  # both right: a .bin index counts tied storages once, a safetensors one cannot
+        differs(f"{ai.name}: metadata.{k} is {am.get(k)!r}, was {em.get(k)!r}", None,
+                k in right and am.get(k) in right[k])
+    problems.extend(_top_level_differences(ei, ai))
     if not problems:
-        if ei.name != ai.name or ew != ei.weight_map:
+        if fixed:
+            entry["status"] = "corrected"
+        elif ei.name != ai.name or ew != ei.weight_map:
             entry["status"] = "equal-content"  # a .bin index became a safetensors one: same content
-            return entry, []
-        problems.append(Problem(
-            "index", f"{ai.name}: same JSON content, but the bytes differ from byte {r[0] if r else 0} (formatting)",
-            ai.name, None, r,
-        ))
-    return entry, problems
+        else:
+            problems.append(Problem(
+                "index",
+                f"{ai.name}: same JSON content, but the bytes differ from byte {r[0] if r else 0} (formatting)",
+                ai.name, None, r,
+            ))
+    return entry, problems, fixed
+
+
+def _top_level_differences(ei: Index, ai: Index) -> list[Problem]:
+    """Index keys besides ``metadata`` and ``weight_map`` (they must survive a save unchanged)."""
+    ed, ad = ei.data or {}, ai.data or {}
+    problems = []
+    for k in sorted((ed.keys() | ad.keys()) - {"metadata", "weight_map"}):
+        if k not in ad:
+            problems.append(Problem("index", f"{ai.name}: top-level key {k!r} is missing", ai.name))
+        elif k not in ed:
+            problems.append(Problem("index", f"{ai.name}: unexpected top-level key {k!r}", ai.name))
+        elif ed[k] != ad[k]:
+            problems.append(Problem("index", f"{ai.name}: {k} is {ad[k]!r}, was {ed[k]!r}", ai.name))
+    return problems
 
 
 _NUMBERED = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[A-Za-z]+)$")
@@ -255,6 +301,8 @@ def compare(
     actual: str | os.PathLike[str],
     *,
     rename: Callable[[str], str] | None = None,
+    ignore: Collection[str] = (),
+    index_truth: IndexTruth | None = None,
     strict_layout: bool = False,
     progress: bool = False,
 ) -> Report:
@@ -266,14 +314,17 @@ def compare(
     ``--max-shard-size``) are paired tensor by tensor by name: ``details["layout"]`` is
     ``"different"`` and ``ok`` stays True unless ``strict_layout``. Problems name the file, the tensor
     and the first differing byte range (``Problem.byte_range`` in the produced file,
-    ``Problem.tensor_range`` relative to the tensor).
+    ``Problem.tensor_range`` relative to the tensor). ``ignore``: expected files a load does not read
+    (shards the index does not list). ``index_truth``: what the expected index should say; where it
+    was wrong and the produced one is right, the difference is a warning (``input-inconsistent``),
+    not a problem.
     """
     t0 = time.perf_counter()
     rn = rename or (lambda n: n)
     se, sa = scan(expected), scan(actual)
     if se.single_file != sa.single_file:
         raise CheckpointError(f"compare a folder with a folder and a file with a file ({expected}, {actual})")
-    exp_names = [n for n in se.shards if n in se.present]
+    exp_names = [n for n in se.shards if n in se.present and n not in ignore]
     act_names = set(sa.present)
     problems: list[Problem] = []
     files: list[dict[str, Any]] = []
@@ -294,7 +345,7 @@ def compare(
             rn = lambda n: renamed.get(plain(n), plain(n))  # noqa: E731
     produced = {a for _, a in pairs}
     if not se.single_file and _resharded(se, sa, exp_names, pairs, produced):
-        return _compare_by_tensor_name(se, sa, expected, actual, strict_layout, progress, t0)
+        return _compare_by_tensor_name(se, sa, expected, actual, strict_layout, progress, t0, ignore)
     for n in exp_names:
         if not se.single_file and rn(n) not in act_names:
             problems.append(Problem("missing-file", f"{rn(n)}: missing from the output", rn(n)))
@@ -314,7 +365,7 @@ def compare(
             problems.append(Problem("extra-file", f"{a}: not in the original", a))
             files.append({"name": a, "expected": None, "status": "extra", "size": (sa.root / a).stat().st_size,
                           "expected_size": None, "tensors": None, "first_difference": None})
-    index, index_problems = (None, []) if se.single_file else _compare_index(se, sa, rn)
+    index, index_problems, corrected = (None, [], []) if se.single_file else _compare_index(se, sa, rn, index_truth)
     problems.extend(index_problems)
     order = {rn(n): i for i, n in enumerate(se.shards)}
     files.sort(key=lambda f: (order.get(f["name"], len(order)), f["name"] or ""))
@@ -328,7 +379,7 @@ def compare(
     sides, side_problems = (None, []) if se.single_file else compare_side_files(se.root, sa.root)
     problems.extend(side_problems)
     details = {"other": str(actual), "index": index, "layout": "same", "layout_note": None, "side_files": sides}
-    return Report("compare", str(expected), problems, files, stats, details)
+    return Report("compare", str(expected), problems, files, stats, details, corrected)
 
 
 def _resharded(se: Scan, sa: Scan, exp_names: Sequence[str], pairs: Sequence[tuple[str, str]],
@@ -354,10 +405,10 @@ def _resharded(se: Scan, sa: Scan, exp_names: Sequence[str], pairs: Sequence[tup
 
 def _compare_by_tensor_name(
     se: Scan, sa: Scan, expected: str | os.PathLike[str], actual: str | os.PathLike[str], strict_layout: bool,
-    progress: bool, t0: float,
+    progress: bool, t0: float, ignore: Collection[str] = (),
 ) -> Report:
     """Same tensors in other shards: pair tensors by name; report real differences tensor by tensor."""
-    ei = read_files(se.root, [n for n in se.shards if n in se.present])
+    ei = read_files(se.root, [n for n in se.shards if n in se.present and n not in ignore])
     ai = read_files(sa.root, [n for n in sa.shards if n in sa.present])
     et = {t.name: (f, t) for f in ei for t in f.tensors}
     at = {t.name: (f, t) for f in ai for t in f.tensors}
@@ -497,6 +548,7 @@ def _compare_index_content(exp: Scan, act: Scan) -> tuple[dict[str, Any] | None,
     for k in sorted(em.keys() | am.keys()):
         if em.get(k) != am.get(k):
             problems.append(Problem("index", f"{ai.name}: metadata.{k} is {am.get(k)!r}, was {em.get(k)!r}", ai.name))
+    problems.extend(_top_level_differences(ei, ai))
     if problems:
         entry["status"] = "different"
     return entry, problems

@@ -8,7 +8,7 @@ import time
 
 from ._progress import human_bytes
 from ._scan import FileInfo, file_format, read_files, scan, structure_problems
-from .report_base import Report, file_entry, fmt_dtypes, n_of, problems_from, register_renderer, totals
+from .report_base import Report, file_entry, fmt_dtypes, index_entry, n_of, problems_from, register_renderer, totals
 
 __all__ = ["inspect_checkpoint"]
 
@@ -26,15 +26,8 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tensors: bool = False) -
     infos = read_files(s.root, present, strict=True)
     missing = [FileInfo(n, file_format(n), error="missing") for n in s.shards if n not in s.present]
     problems = problems_from(structure_problems(s, [*infos, *missing]))
-    index = None
-    if s.index is not None:
-        index = {
-            "name": s.index.name,
-            "entries": len(s.index.weight_map),
-            "total_size": s.index.metadata.get("total_size"),
-            "metadata": s.index.metadata if s.index.error is None else None,
-            "consistent": not problems,
-        }
+    index = None if s.index is None else index_entry(
+        s, metadata=s.index.metadata if s.index.error is None else None, consistent=not problems)
     listing = None
     if tensors:
         listing = [

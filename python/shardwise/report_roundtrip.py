@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._progress import Progress, human_bytes
-from ._scan import file_format, not_a_folder, scan
+from ._scan import file_format, index_truth, not_a_folder, read_files, scan
 from .errors import CheckpointError
 from .report_base import Report, n_of, register_renderer
 from .report_compare import compare, file_rows
@@ -36,7 +36,8 @@ def roundtrip(
     bundled sample (``shardwise.sample``, a tiny Llama-3-style checkpoint generated on the fly).
 
     ``workdir``: where the temporary folder goes (default: the system's); ``keep``: a folder to keep
-    the intermediate results in (``keep/tune``, ``keep/hf``) instead; ``tamper``: called with the
+    every intermediate result in instead (``sample/`` when generated, ``tune/``, ``hf/``,
+    ``checkpointer/epoch_0/``; a folder kept by an earlier run is replaced); ``tamper``: called with the
     torchtune folder before converting back (fault injection for tests of the comparison).
 
     Raises ``CheckpointError``/``OSError`` for unreadable input, ``KeyError`` for an unknown model type
@@ -58,10 +59,7 @@ def roundtrip(
     get_converter(mt)  # NotImplementedError before any work
     t0 = time.perf_counter()
     if keep is not None:
-        work = Path(keep)
-        if work.exists() and any(work.iterdir()):
-            raise CheckpointError(f"{work}: the folder to keep the round trip in must be empty or new")
-        work.mkdir(parents=True, exist_ok=True)
+        work = _keep_folder(Path(keep))
     else:
         work = Path(tempfile.mkdtemp(prefix="shardwise-roundtrip-", dir=workdir))
     try:
@@ -82,6 +80,9 @@ def roundtrip(
         convert_checkpoint(work / "tune", work / "hf", mt.name, to="hf", progress=progress)
         timings["to_hf_seconds"] = time.perf_counter() - t
         s = scan(src)
+        # a flawed input is the input's problem: where its index is wrong and the output right, the
+        # difference is a warning ("input inconsistent, corrected in the output"), not a regression
+        truth = index_truth(s, read_files(s.root, s.loadable))
 
         def rename(name: str) -> str:
             if s.index is not None and name == s.index.name:
@@ -89,16 +90,18 @@ def roundtrip(
             return output_name(name, True) if file_format(name) == "torch" else name
 
         t = time.perf_counter()
-        cmp = compare(src, work / "hf", rename=rename, strict_layout=True, progress=progress)
+        cmp = compare(src, work / "hf", rename=rename, strict_layout=True, ignore=s.strays, index_truth=truth,
+                      progress=progress)
         timings["compare_seconds"] = time.perf_counter() - t
         # the path recipes take: FullModelHFCheckpointer load_checkpoint → save_checkpoint
         t = time.perf_counter()
-        ck = FullModelHFCheckpointer(str(src), s.shards, mt.name, str(work / "checkpointer"), fsync=False)
-        size = sum((src / n).stat().st_size for n in s.shards)
+        ck = FullModelHFCheckpointer(str(src), s.loadable, mt.name, str(work / "checkpointer"), fsync=False)
+        size = sum((src / n).stat().st_size for n in s.loadable)
         with Progress(size, "checkpointer load → save", enabled=progress) as bar, bar.watch_writes():
             ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
         timings["checkpointer_seconds"] = time.perf_counter() - t
-        via_ck = compare(src, work / "checkpointer" / "epoch_0", rename=rename, strict_layout=True, progress=progress)
+        via_ck = compare(src, work / "checkpointer" / "epoch_0", rename=rename, strict_layout=True, ignore=s.strays,
+                         index_truth=truth, progress=progress)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -130,13 +133,43 @@ def roundtrip(
         "kept": None if keep is None else str(keep),
         "index": cmp.details["index"],
     }
-    return Report("roundtrip", "<sample>" if path is None else str(path), problems, cmp.files, stats, details)
+    warnings = list(to_tune.warnings) + list(cmp.warnings)
+    warnings += [w for w in via_ck.warnings if (w.kind, w.message) not in {(x.kind, x.message) for x in warnings}]
+    where = "<sample>" if path is None else str(path)
+    return Report("roundtrip", where, problems, cmp.files, stats, details, warnings)
+
+
+#: what ``keep=`` holds: the generated sample, both conversions, the checkpointer's output
+KEPT = ("sample", "tune", "hf", "checkpointer")
+_KEEP_MARK = ".shardwise-roundtrip"
+
+
+def _keep_folder(work: Path) -> Path:
+    """The ``keep`` folder, new, empty, or kept by an earlier round trip (whose results are replaced);
+    any other folder is refused so that nothing of the user's is deleted."""
+    if work.exists() and not work.is_dir():
+        raise CheckpointError(f"{work}: the folder to keep the round trip in is a file")
+    if work.exists() and any(work.iterdir()):
+        if not (work / _KEEP_MARK).is_file():
+            raise CheckpointError(f"{work}: the folder to keep the round trip in must be new, empty, or one an "
+                                  "earlier `roundtrip --keep` wrote")
+        others = sorted(p.name for p in work.iterdir() if p.name not in (*KEPT, _KEEP_MARK))
+        if others:
+            raise CheckpointError(f"{work}: holds files an earlier round trip did not write ({', '.join(others)})")
+        for name in KEPT:
+            shutil.rmtree(work / name, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / _KEEP_MARK).write_text("kept by `shardwise roundtrip --keep`; a later --keep run replaces it\n")
+    return work
 
 
 def _verdict_roundtrip(r: Report) -> str:
     if r.ok:
-        how = "yes" if r.details.get("byte_identical") else "no — same tensors and index content (format changed)"
-        return f"byte-identical: {how}"
+        if r.details.get("byte_identical"):
+            return "byte-identical: yes"
+        if any(w.kind == "input-inconsistent" for w in r.warnings):
+            return "byte-identical: no — the input's index is inconsistent and is corrected in the output (warnings)"
+        return "byte-identical: no — same tensors and index content (format changed)"
     return "byte-identical: NO"
 
 
@@ -160,7 +193,10 @@ def _render_roundtrip(r: Report) -> list[str]:
         *file_rows(r),
     ]
     if r.details.get("kept"):
-        lines.append(f"  intermediate folders kept in {r.details['kept']} (tune/, hf/)")
+        kept = ["tune/", "hf/", "checkpointer/epoch_0/"]
+        if r.details.get("sample"):
+            kept.insert(0, "sample/")
+        lines.append(f"  intermediate folders kept in {r.details['kept']}: {', '.join(kept)}")
     return lines
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ._progress import Progress, human_bytes
 from ._scan import Scan, read_files, scan, side_files, structure_problems
 from .errors import CheckpointError, CheckpointIOError
-from .report_base import CHUNK, Problem, Report, file_entry, n_of, problems_from, register_renderer, totals
+from .report_base import CHUNK, Problem, Report, file_entry, index_entry, n_of, problems_from, register_renderer, totals
 
 __all__ = ["MANIFEST_SCHEMA", "compute_checksums", "read_manifest", "verify"]
 
@@ -110,7 +110,8 @@ def verify(
     and its file has exactly the size the header implies, and ``total_size`` is right.
 
     ``checksums`` adds per-file sha256 (computed in parallel); ``write_manifest`` writes them to a JSON
-    manifest; ``against`` compares with such a manifest (missing/extra files, sizes, hashes). Problems
+    manifest, pinning the side files too (``config.json``, ``generation_config.json``, tokenizer
+    files); ``against`` compares with such a manifest (missing/extra files, sizes, hashes). Problems
     make ``ok`` False; a path that does not exist or an unreadable manifest raises.
     """
     t0 = time.perf_counter()
@@ -139,14 +140,7 @@ def verify(
     files = [file_entry(f, sums.get(f.name)) for f in infos]
     stats = totals([f for f in infos if f.ok], time.perf_counter() - t0)
     stats["checksummed"] = want_sums
-    index = None
-    if s.index is not None:
-        index = {
-            "name": s.index.name,
-            "entries": len(s.index.weight_map),
-            "total_size": s.index.metadata.get("total_size"),
-            "sha256": sums.get(s.index.name),
-        }
+    index = None if s.index is None else index_entry(s, sha256=sums.get(s.index.name))
     side = [{"name": n, "size": (s.root / n).stat().st_size, "sha256": sums.get(n)} for n in sides]
     details = {
         "index": index,

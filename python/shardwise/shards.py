@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import zipfile
@@ -19,7 +20,9 @@ __all__ = [
     "DTYPE_FROM_ST",
     "DTYPE_TO_ST",
     "SourceFile",
+    "StorageSlot",
     "byte_view",
+    "check_sources_intact",
     "is_safetensors",
     "load_merged",
     "load_source_tensors",
@@ -69,6 +72,13 @@ class SourceFile:
     keys: list[str] = field(default_factory=list)  # in file order
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: torch files only: the zip record prefix (``pytorch_model/``: torch names records after the file
+    #: it writes, ``archive/`` when it wrote into a file object) and how tensors shared storages
+    archive: str | None = None
+    storage: dict[str, StorageSlot] = field(default_factory=dict)
+    storages: list[torch.UntypedStorage] = field(default_factory=list)
+    #: (device, inode, size) of the file when it was mapped: the loaded tensors are views of it
+    mapped: tuple[int, int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -81,6 +91,18 @@ class SourceFile:
     @property
     def metadata(self) -> dict[str, str] | None:
         return None if self.header is None else self.header.metadata
+
+
+@dataclass(frozen=True)
+class StorageSlot:
+    """Where a tensor of a torch file lived: storage number (in ``SourceFile.storages``), offset in
+    elements, strides, and the first key that was the very same tensor object (``sd[b] = sd[a]``).
+    Tied weights share one storage in the pickle; a rewrite keeps that."""
+
+    index: int
+    offset: int
+    stride: tuple[int, ...]
+    same_as: str | None = None
 
 
 def byte_view(t: torch.Tensor) -> object:
@@ -119,6 +141,32 @@ def _safetensors_views(src: SourceFile) -> dict[str, torch.Tensor]:
             t = raw.view(dtype).view(tuple(shape))
         out[name] = t
     return out
+
+
+def _archive_name(path: Path) -> str | None:
+    """The record prefix of a zip-format torch file (None for the legacy format)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            first = z.namelist()[:1]
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return first[0].split("/", 1)[0] if first and "/" in first[0] else None
+
+
+def _storage_slots(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, StorageSlot], list[torch.UntypedStorage]]:
+    """Which keys share a storage (tied weights), at which offset and strides."""
+    numbers: dict[int, int] = {}
+    objects: dict[int, str] = {}
+    storages: list[torch.UntypedStorage] = []
+    slots: dict[str, StorageSlot] = {}
+    for k, t in sd.items():
+        st = t.untyped_storage()
+        n = numbers.setdefault(st._cdata, len(storages))
+        if n == len(storages):
+            storages.append(st)
+        first = objects.setdefault(id(t), k)
+        slots[k] = StorageSlot(n, t.storage_offset(), tuple(t.stride()), None if first == k else first)
+    return slots, storages
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -161,11 +209,40 @@ def read_sources(paths: Sequence[Path], threads: int = 0) -> list[SourceFile]:
     return out
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size
+
+
+def check_sources_intact(sources: Sequence[SourceFile]) -> None:
+    """``CheckpointIOError`` naming a mapped source file that shrank since it was loaded (someone
+    truncated it in place): the tensors are views of it, and reading them would fail or crash. A file
+    replaced by a new one (rename, delete + create) is fine: the mapping keeps the old one."""
+    for src in sources:
+        if src.mapped is None:
+            continue
+        now = _identity(src.path)
+        if now is not None and now[:2] == src.mapped[:2] and now[2] < src.mapped[2]:
+            raise CheckpointIOError(
+                errno.EIO,
+                f"was truncated from {src.mapped[2]} to {now[2]} bytes after it was loaded; the tensors "
+                "load_checkpoint returned are views of this file, so it must not be truncated or rewritten "
+                "while they are in use",
+                str(src.path),
+            )
+
+
 def load_source_tensors(src: SourceFile) -> dict[str, torch.Tensor]:
     """All tensors of one source file; safetensors are zero-copy views (no data read until touched)."""
+    src.mapped = _identity(src.path)
     if src.header is not None:
         return _safetensors_views(src)
     sd = _torch_load(src.path)
+    src.archive = _archive_name(src.path)
+    src.storage, src.storages = _storage_slots(sd)
     src.keys = list(sd)
     src.dtypes = {k: v.dtype for k, v in sd.items()}
     src.shapes = {k: tuple(v.shape) for k, v in sd.items()}

@@ -29,7 +29,7 @@ import torch
 
 from . import __version__, _core
 from ._progress import Progress, human_bytes
-from ._scan import not_a_folder, scan_folder
+from ._scan import not_a_folder, read_files, scan_folder
 from .checkpointer import _fsync_tree, _model_type, parse_size
 from .config import ModelConfig
 from .constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
@@ -44,8 +44,8 @@ from .layout import (
     plan_shards,
     write_safetensors_shards,
 )
-from .paths import check_outdir_not_in_ckptdir, copy_files, resolve_checkpoint_files, safe_join
-from .report_base import Report, n_of, register_renderer
+from .paths import copy_files, resolve_checkpoint_files, safe_join
+from .report_base import Problem, Report, n_of, register_renderer, stray_warnings
 from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
 
 __all__ = ["ASIDE_NAME", "ORIGIN_NAME", "ORIGIN_SCHEMA", "convert_checkpoint"]
@@ -114,13 +114,16 @@ def convert_checkpoint(
         "model_type": result.model_type.name,
         "direction": "hf-to-tune" if to == "tune" else "tune-to-hf",
     }
-    return Report("convert", str(src_p), [], files, stats, details)
+    return Report("convert", str(src_p), [], files, stats, details, result.warnings)
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    check_outdir_not_in_ckptdir(src, dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"SRC and DST are the same folder ({src}): convert writes a new folder, give another DST")
+    if src.resolve() in dst.resolve().parents:
+        raise ValueError(f"DST {dst} is inside SRC {src}: give a DST outside it")
     if dst.resolve() in src.resolve().parents:
-        raise ValueError(f"the output folder {dst} contains the input folder {src}")
+        raise ValueError(f"DST {dst} contains SRC {src}: give a DST that does not")
     if dst.exists():
         if not dst.is_dir():
             raise CheckpointError(f"{dst}: exists and is not a folder")
@@ -136,6 +139,7 @@ class _Result:
     inputs: int = 0  # read
     nbytes: int = 0
     aside: int = 0
+    warnings: list[Problem] = field(default_factory=list)
 
 
 def _labelled(shard: OutputShard, bar: Progress, label: str) -> list[Op]:
@@ -238,7 +242,7 @@ def _to_tune(src: Path, out: Path, mt: ModelType, cap: int | None, progress: boo
     s = scan_folder(src)
     if s.index is not None and s.index.error is not None:
         raise CheckpointError(f"{src / s.index.name}: {s.index.error}")
-    paths = resolve_checkpoint_files(s.shards, src, inside=True)
+    paths = resolve_checkpoint_files(s.loadable, src, inside=True)
     sources = read_sources(paths)
     hf, key_source = load_merged(sources)
     where = {k: str(source.path) for k, source in key_source.items()}
@@ -279,7 +283,8 @@ def _to_tune(src: Path, out: Path, mt: ModelType, cap: int | None, progress: boo
     _write_plan(plan, out, "HF → tune", progress)
     cache["unit"], cache["tune"] = None, None
 
-    result = _Result(mt, tensors=len(ops), inputs=len(where), nbytes=plan.total_size, aside=len(aside_keys))
+    result = _Result(mt, tensors=len(ops), inputs=len(where), nbytes=plan.total_size, aside=len(aside_keys),
+                     warnings=stray_warnings(s))
     result.files = [(sh.name, "shard", len(sh.ops)) for sh in plan.shards]
     if len(plan.shards) > 1:
         (out / SAFETENSOR_INDEX_FNAME).write_bytes(index_bytes(plan, None, count_params(ops)))
@@ -391,6 +396,22 @@ def _origin_sources(origin: Mapping[str, Any], where: str) -> tuple[list[SourceF
     return sources, key_source
 
 
+#: key prefixes only Hugging Face checkpoints have (torchtune keys start with tok_embeddings, layers, ...)
+_HF_PREFIXES = ("model.", "lm_head.", "transformer.", "language_model.", "vision_model.", "text_model.")
+
+
+def _refuse_hf_folder(src: Path) -> None:
+    """``--to hf`` of a folder that is already Hugging Face (no origin, HF key names): say so."""
+    s = scan_folder(src)
+    infos = read_files(s.root, [n for n in s.shards if n in s.present])
+    hf_key = next((t.name for f in infos for t in f.tensors if t.name.startswith(_HF_PREFIXES)), None)
+    if hf_key is not None:
+        raise CheckpointError(
+            f"{src}: already a Hugging Face checkpoint (keys like {hf_key!r}, no {ORIGIN_NAME}); "
+            "to convert it to torchtune keys use --to tune"
+        )
+
+
 def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress: bool) -> _Result:
     origin_path = src / ORIGIN_NAME
     origin = _read_origin(origin_path) if origin_path.exists() else None
@@ -400,15 +421,20 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
             mt = recorded
         elif get_converter(mt).__class__ is not get_converter(recorded).__class__:
             raise ConfigError(f"{origin_path}: converted as {recorded.name}, but the model type given is {mt.name}")
+    if origin is None:
+        _refuse_hf_folder(src)
     if mt is None:
         raise ValueError(f"{src} has no {ORIGIN_NAME}: give the model type (e.g. LLAMA3)")
     conv = get_converter(mt)
     cfg = ModelConfig.from_file(src / "config.json")
     conv.validate_config(cfg)
+    strays: list[Problem] = []
     if origin is not None:
         names = [str(n) for n in origin["tune"]["shards"]]
     else:
-        names = [n for n in scan_folder(src).shards]
+        found = scan_folder(src)
+        names = found.loadable
+        strays = stray_warnings(found)
     paths = resolve_checkpoint_files(names, src, inside=True)
     per_source, key_source = load_merged(read_sources(paths))
     tune = {k: t for tensors in per_source for k, t in tensors.items()}
@@ -452,7 +478,8 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
         plan = plan_shards(ops, [], {}, safe=True, had_index=False,
                            max_shard_size=cap or parse_size(DEFAULT_SHARD_SIZE))
     _write_plan(plan, out, "tune → HF", progress)
-    result = _Result(mt, tensors=len(ops), inputs=len(tune), nbytes=plan.total_size, aside=len(aside))
+    result = _Result(mt, tensors=len(ops), inputs=len(tune), nbytes=plan.total_size, aside=len(aside),
+                     warnings=strays)
     result.files = [(sh.name, "shard", len(sh.ops)) for sh in plan.shards]
     if plan.write_index:
         (out / SAFETENSOR_INDEX_FNAME).write_bytes(index_bytes(plan, original_index, count_params(ops)))

@@ -213,9 +213,10 @@ def save_collective(
             if sharded:
                 # a folder of its own per save, named in recipe_state.pt, which is committed last: a
                 # crash in between leaves the previous pair (recipe_state.pt + its folder) as it was
-                tag = _broadcast(f"{final.name}-{uuid.uuid4().hex[:8]}")
+                # names from rank 0 (its pid marks the staging folder as its own for the leftover sweep)
+                tag, pid = _broadcast((f"{final.name}-{uuid.uuid4().hex[:8]}", os.getpid()))
                 opt_final = state_dir / f"sharded-{tag}"
-                opt_tmp = state_dir / f".sharded-{tag}{STAGING_MARK}{os.getpid()}"
+                opt_tmp = state_dir / f".sharded-{tag}{STAGING_MARK}{pid}"
                 leaves: dict[str, DTensor] = {}
                 recipe = {k: (split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
                 try:

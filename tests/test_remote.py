@@ -84,6 +84,13 @@ def _ckpt(s3: S3, src: str, names: list[str], out: str, cache: Path, **kw) -> Fu
                                    cache_dir=cache, **kw)
 
 
+def _save_locally(src: str, names: list[str], out: Path, cache: Path, **kw) -> dict[str, bytes]:
+    """Load ``src`` (a URL), save ``out/epoch_0`` locally, and return what was written."""
+    ck = FullModelHFCheckpointer(src, names, "LLAMA3", str(out), cache_dir=cache, **kw)
+    ck.save_checkpoint(ck.load_checkpoint(), epoch=0)
+    return _files(out / "epoch_0")
+
+
 def _files(local: Path) -> dict[str, bytes]:
     return {p.relative_to(local).as_posix(): p.read_bytes() for p in sorted(local.rglob("*"))
             if p.is_file() and not p.name.startswith(".")}
@@ -166,9 +173,9 @@ def test_local_to_remote_to_local_is_byte_identical(s3, fs, bucket, hf, tmp_path
     # the shards went up as multipart uploads of 5 MiB parts, straight from the tensors
     parts = [r for r in s3.proxy.requests if r.method == "PUT" and "partNumber=" in r.path]
     assert len(parts) == 2 * 3
-    down = _ckpt(s3, f"s3://{bucket}/run/epoch_0", names, str(tmp_path / "out"), tmp_path / "cache2")
-    down.save_checkpoint(down.load_checkpoint(), epoch=0)
-    assert _files(tmp_path / "out" / "epoch_0") == _files(local)
+    got = _save_locally(f"s3://{bucket}/run/epoch_0", names, tmp_path / "out", tmp_path / "cache2",
+                        storage_options=s3.storage_options())
+    assert got == _files(local)
 
 
 def test_load_maps_the_cached_files_zero_copy_and_downloads_once(s3, fs, bucket, hf, tmp_path) -> None:
@@ -509,10 +516,7 @@ def test_any_fsspec_store_round_trips_byte_identical(hf, tmp_path) -> None:
     base = url.removeprefix("memory://") + "/run/epoch_0/"
     got = {k.split(base, 1)[1]: mem.cat_file(k) for k in mem.find(base)}
     assert got.pop(rm.COMPLETE_MARKER) and got == _files(local)
-    down = FullModelHFCheckpointer(f"{url}/run/epoch_0", names, "LLAMA3", str(tmp_path / "out"),
-                                   cache_dir=tmp_path / "cache2")
-    down.save_checkpoint(down.load_checkpoint(), epoch=0)
-    assert _files(tmp_path / "out" / "epoch_0") == _files(local)
+    assert _save_locally(f"{url}/run/epoch_0", names, tmp_path / "out", tmp_path / "cache2") == _files(local)
 
 
 def test_a_side_file_deleted_remotely_is_not_copied_from_the_cache(s3, fs, bucket, hf, tmp_path) -> None:

@@ -501,8 +501,9 @@ class FullModelHFCheckpointer:
             raise
         if self._remote_out:
             shutil.rmtree(staging, ignore_errors=True)
-        self._log_notes(final)
-        logger.info("Checkpoint saved to %s", self._remote.target_url if self._remote_out else final)  # type: ignore[union-attr]
+        where = self._remote.target_url if self._remote_out else final  # type: ignore[union-attr]
+        self._log_notes(where)
+        logger.info("Checkpoint saved to %s", where)
         # publish_dir deletes a replaced folder best-effort; whatever it left (at the staging name, or
         # renamed aside where the exchange is unsupported) is ours to remove, and worth a warning
         for leftover in (staging, final.with_name(f"{final.name}{STAGING_MARK}old-{os.getpid()}")):
@@ -545,10 +546,10 @@ class FullModelHFCheckpointer:
         *head, path = args
         self._notes.append((fmt, tuple(head), Path(str(path)).name))
 
-    def _log_notes(self, final: Path) -> None:
-        """Log the kept lines with the paths a user will find (``final/<file>``)."""
+    def _log_notes(self, final: Path | str) -> None:
+        """Log the kept lines with the paths a user will find (``final/<file>``; a URL on object storage)."""
         for fmt, args, name in self._notes:
-            logger.info(fmt, *args, final / name)
+            logger.info(fmt, *args, f"{final}/{name}")
         self._notes = []
 
     def _ensure_sources(self) -> None:
@@ -580,9 +581,8 @@ class FullModelHFCheckpointer:
         except CheckpointIOError:
             check_sources_intact(self._sources)  # a read of a truncated mapping fails as the write (EFAULT)
             raise
-        where = self._remote.target_url if self._remote_out else str(folder)  # type: ignore[union-attr]
         for shard in plan.shards:
-            self._note("Model checkpoint of size %s saved to %s/%s", _gib(shard.nbytes), where, shard.name)
+            self._note("Model checkpoint of size %s saved to %s", _gib(shard.nbytes), folder / shard.name)
         if plan.write_index:
             original = None
             if self._orig_index is not None:

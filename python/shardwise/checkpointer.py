@@ -131,6 +131,9 @@ class FullModelHFCheckpointer:
     releases (``keep_last_n_checkpoints``; ``step``, ``dir_prefix``, ``max_shard_size`` on save).
     Unchanged weights are written back byte for byte under the original shard names, every
     checkpoint folder is published atomically, and the caller's dict is never mutated.
+    ``checkpoint_dir`` / ``output_dir`` may be fsspec URLs (``s3://``, ``gs://``): ``storage_options``
+    go to fsspec, ``cache_dir`` holds the downloads; a remote folder is complete once its
+    ``.shardwise-complete`` marker is written (README, "Remote checkpoints").
     """
 
     def __init__(

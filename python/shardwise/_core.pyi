@@ -31,6 +31,10 @@ def read_header(path: str) -> SafetensorsHeader:
 def read_headers(paths: Sequence[str], threads: int = 0) -> list[SafetensorsHeader]:
     """``read_header`` for many files in parallel (GIL released); results in input order."""
 
+def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
+    """Validate header bytes obtained elsewhere (ranged reads of a remote file): ``raw`` is the 8-byte
+    prefix and the header, ``file_size`` the whole file's size; errors name ``path``."""
+
 def sort_shard_names(names: Sequence[str]) -> list[str]:
     """Numeric-aware sort: ``model-2-of-10`` before ``model-10-of-10``; padding does not matter."""
 

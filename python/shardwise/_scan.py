@@ -49,11 +49,18 @@ SIDE_FILE_NAMES = frozenset({
 def side_files(folder: Path) -> list[str]:
     """The side files present in ``folder`` (``SIDE_FILE_NAMES`` and ``tokenizer*``), sorted."""
     try:
-        names = os.listdir(folder)
+        names = _listdir(folder)
     except OSError:
         return []
     wanted = [n for n in names if n in SIDE_FILE_NAMES or (n.startswith("tokenizer") and not n.endswith(".tmp"))]
     return sorted(n for n in wanted if (folder / n).is_file())
+
+
+def _listdir(folder: Path) -> list[str]:
+    """The names in ``folder``: a local one, or a ``remote_scan.RemotePath`` (its listing, read once)."""
+    if getattr(folder, "is_remote", False):
+        return list(folder.children)  # type: ignore[attr-defined]
+    return os.listdir(folder)
 
 
 def file_format(name: str) -> str:
@@ -136,6 +143,13 @@ def not_a_folder(p: Path) -> CheckpointIOError:
 
 def scan(path: str | os.PathLike[str]) -> Scan:
     """A checkpoint folder (or one weight file): index and shards. ``CheckpointIOError`` when missing."""
+    if isinstance(path, str) and "://" in path:  # object storage: listing and ranged reads (remote_scan.py)
+        from .remote import is_url
+
+        if is_url(path):
+            from .remote_scan import scan_remote
+
+            return scan_remote(path)
     p = Path(path)
     if not p.exists():
         raise CheckpointIOError(2, "no such file or directory", str(p))
@@ -152,7 +166,7 @@ def scan(path: str | os.PathLike[str]) -> Scan:
 
 def scan_folder(folder: Path, index_name: str | None = None) -> Scan:
     try:
-        names = os.listdir(folder)
+        names = _listdir(folder)
     except OSError as e:
         raise CheckpointIOError(e.errno or 5, e.strerror or str(e), str(folder)) from e
     if index_name is None:
@@ -243,6 +257,19 @@ def read_files(root: Path, names: Sequence[str], *, strict: bool = False, thread
     """Headers of every named file (safetensors in parallel, by the native core); torch files are opened
     with ``torch.load(mmap=True, weights_only=True)``. With ``strict`` the first error is raised;
     otherwise it is recorded in ``FileInfo.error``. Missing files get ``error="missing"``."""
+    if getattr(root, "is_remote", False):  # object storage: ranged reads (remote_scan.py)
+        from .remote_scan import header_readers
+
+        read_many, read_one, torch_file = header_readers(threads)
+    else:
+        def read_many(ps: Sequence[Path]) -> list[_core.SafetensorsHeader]:
+            return _core.read_headers([str(p) for p in ps], threads)
+
+        def read_one(p: Path) -> _core.SafetensorsHeader:
+            return _core.read_header(str(p))
+
+        def torch_file(p: Path) -> Path:
+            return p
     out: dict[str, FileInfo] = {}
     st: list[tuple[str, Path]] = []
     for name in names:
@@ -260,17 +287,17 @@ def read_files(root: Path, names: Sequence[str], *, strict: bool = False, thread
         elif file_format(name) == "safetensors":
             st.append((name, p))
         else:
-            out[name] = _torch_info(name, p, strict)
+            out[name] = _torch_info(name, torch_file(p), strict)
     if st:
         try:
-            headers = _core.read_headers([str(p) for _, p in st], threads)
+            headers = read_many([p for _, p in st])
             out.update({n: _from_header(n, h) for (n, _), h in zip(st, headers)})
         except (CheckpointError, OSError):
             if strict:
                 raise
             for n, p in st:  # find every bad file, not only the first
                 try:
-                    out[n] = _from_header(n, _core.read_header(str(p)))
+                    out[n] = _from_header(n, read_one(p))
                 except (CheckpointError, OSError) as e:
                     out[n] = FileInfo(n, "safetensors", _size(p), error=_one_line(e))
     return [out[n] for n in names]

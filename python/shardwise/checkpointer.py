@@ -13,7 +13,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -65,10 +65,14 @@ from .recipe_state import (
     save_torch_file,
     stage_torch_save,
 )
+from .remote import is_url
 from .shards import SourceFile, check_sources_intact, load_merged, read_sources, with_file
 
 #: ``recipe_state.pt`` of a collective save lists its DCP-saved keys under this name (dcp.collective)
 SHARDED_KEYS = "_shardwise_dcp_keys"
+
+if TYPE_CHECKING:
+    from .remote_dirs import RemoteDirs
 
 __all__ = ["FormattedCheckpointFiles", "FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
@@ -127,6 +131,9 @@ class FullModelHFCheckpointer:
     releases (``keep_last_n_checkpoints``; ``step``, ``dir_prefix``, ``max_shard_size`` on save).
     Unchanged weights are written back byte for byte under the original shard names, every
     checkpoint folder is published atomically, and the caller's dict is never mutated.
+    ``checkpoint_dir`` / ``output_dir`` may be fsspec URLs (``s3://``, ``gs://``): ``storage_options``
+    go to fsspec, ``cache_dir`` holds the downloads; a remote folder is complete once its
+    ``.shardwise-complete`` marker is written (README, "Remote checkpoints").
     """
 
     def __init__(
@@ -143,6 +150,8 @@ class FullModelHFCheckpointer:
         *,
         keep_last_n_checkpoints: int | None = None,
         fsync: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._should_load_recipe_state = bool(should_load_recipe_state)
         if resume_from_checkpoint:
@@ -151,6 +160,18 @@ class FullModelHFCheckpointer:
                 "*resume_from_checkpoint is deprecated. Please use the 'should_load_recipe_state' instead"
             )
         self._safe_serialization = bool(safe_serialization)
+        # object storage (s3://, gs://, ...): the checkpointer works on local stand-ins (remote_dirs.py)
+        self._remote: RemoteDirs | None = None
+        if is_url(checkpoint_dir) or is_url(output_dir):
+            from .remote_dirs import RemoteDirs
+
+            self._remote = RemoteDirs(
+                checkpoint_dir, checkpoint_files, output_dir, resume=self._should_load_recipe_state,
+                recipe_checkpoint=recipe_checkpoint, adapter_checkpoint=adapter_checkpoint,
+                storage_options=storage_options, cache_dir=cache_dir,
+            )
+            checkpoint_dir, output_dir = self._remote.local_input, self._remote.local_output
+        self._remote_out = self._remote is not None and self._remote.output is not None
         self._checkpoint_dir = Path(checkpoint_dir)
         self._model_type = _model_type(model_type)
         self._output_dir = Path(output_dir)
@@ -433,6 +454,12 @@ class FullModelHFCheckpointer:
 
         final = self._output_dir / f"{dir_prefix}_{number}"
         if _sharded(model, adapter):
+            if self._remote_out:
+                where = self._remote.output.url  # type: ignore[union-attr]
+                raise NotImplementedError(
+                    f"a sharded (DTensor) state dict cannot be saved to object storage yet ({where}): "
+                    "save to a local or mounted output_dir"
+                )
             from .dcp.collective import save_collective
 
             self._notes = []
@@ -451,6 +478,8 @@ class FullModelHFCheckpointer:
         make_dir(staging, "staging folder")
         self._notes = []
         try:
+            if self._remote_out:
+                self._remote.begin(final.name)  # type: ignore[union-attr]
             if model is not None:
                 self._write_model(model, staging, cap)
             self._write_adapter_files(state_dict, adapter, staging)
@@ -461,16 +490,24 @@ class FullModelHFCheckpointer:
                     recipe_keys(state_dict, final.name), recipe_path, fsync=self._fsync,
                     tmp=self._output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
                 )
-            if self._fsync:
-                _fsync_tree(staging)
-            _core.publish_dir(str(staging), str(final))
+            if self._remote_out:
+                self._remote.publish(staging)  # type: ignore[union-attr]
+            else:
+                if self._fsync:
+                    _fsync_tree(staging)
+                _core.publish_dir(str(staging), str(final))
         except BaseException:
+            if self._remote_out:
+                self._remote.discard()  # type: ignore[union-attr]
             shutil.rmtree(staging, ignore_errors=True)
             if recipe_tmp is not None:
                 recipe_tmp.unlink(missing_ok=True)
             raise
-        self._log_notes(final)
-        logger.info("Checkpoint saved to %s", final)
+        if self._remote_out:
+            shutil.rmtree(staging, ignore_errors=True)
+        where = self._remote.target_url if self._remote_out else final  # type: ignore[union-attr]
+        self._log_notes(where)
+        logger.info("Checkpoint saved to %s", where)
         # publish_dir deletes a replaced folder best-effort; whatever it left (at the staging name, or
         # renamed aside where the exchange is unsupported) is ours to remove, and worth a warning
         for leftover in (staging, final.with_name(f"{final.name}{STAGING_MARK}old-{os.getpid()}")):
@@ -480,6 +517,12 @@ class FullModelHFCheckpointer:
                     logger.warning("Could not remove the replaced checkpoint left at %s", leftover)
 
         if recipe_tmp is not None:
+            if self._remote_out:
+                try:
+                    self._remote.upload_recipe(recipe_tmp)  # type: ignore[union-attr]
+                except BaseException:
+                    recipe_tmp.unlink(missing_ok=True)
+                    raise
             commit(recipe_tmp, recipe_path, fsync=self._fsync)
             logger.info("Recipe checkpoint of size %s saved to %s", _gib(recipe_path.stat().st_size), recipe_path)
         else:
@@ -495,7 +538,10 @@ class FullModelHFCheckpointer:
                     "The full model checkpoint, including all weights and configurations, has been saved "
                     "successfully. You can now use this checkpoint for further training or inference."
                 )
-        if self._keep_last_n is not None:
+        if self._keep_last_n is not None and self._remote_out:
+            paired = recipe_state_folder(recipe_path) if recipe_path.is_file() else None
+            self._remote.prune(dir_prefix, final.name, self._keep_last_n, paired)  # type: ignore[union-attr]
+        elif self._keep_last_n is not None:
             self._prune(dir_prefix, keep=final.name)
 
     def _note(self, fmt: str, *args: object) -> None:
@@ -504,10 +550,10 @@ class FullModelHFCheckpointer:
         *head, path = args
         self._notes.append((fmt, tuple(head), Path(str(path)).name))
 
-    def _log_notes(self, final: Path) -> None:
-        """Log the kept lines with the paths a user will find (``final/<file>``)."""
+    def _log_notes(self, final: Path | str) -> None:
+        """Log the kept lines with the paths a user will find (``final/<file>``; a URL on object storage)."""
         for fmt, args, name in self._notes:
-            logger.info(fmt, *args, final / name)
+            logger.info(fmt, *args, f"{final}/{name}")
         self._notes = []
 
     def _ensure_sources(self) -> None:
@@ -530,7 +576,9 @@ class FullModelHFCheckpointer:
         total_size = None
         check_sources_intact(self._sources)  # before any mapped page is read
         try:
-            if self._safe_serialization:
+            if self._safe_serialization and self._remote_out:
+                self._remote.upload_shards(plan)  # type: ignore[union-attr]
+            elif self._safe_serialization:
                 write_safetensors_shards(plan, folder)
             else:
                 total_size = write_torch_shards(plan, folder)

@@ -75,34 +75,71 @@ def _model_type_for(folder: str, given: str | None, force: bool, what: str) -> s
 
 
 def _cmd_convert(a: argparse.Namespace) -> Report:
-    with _starting(a):
-        from .tunedir import convert_checkpoint
+    with _local(a.src) as src, _published(a.dst, a.overwrite) as dst:
+        with _starting(a):
+            from .tunedir import convert_checkpoint
 
-        model_type = a.model_type
-        if a.to == "tune" or model_type is not None:  # --to hf without one: the origin records it
-            model_type = _model_type_for(a.src, model_type, a.force, f"convert --to {a.to}")
-    return convert_checkpoint(
-        a.src, a.dst, model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
-        progress=not a.quiet,
-    )
+            model_type = a.model_type
+            if a.to == "tune" or model_type is not None:  # --to hf without one: the origin records it
+                model_type = _model_type_for(str(src), model_type, a.force, f"convert --to {a.to}")
+        report = convert_checkpoint(
+            src, dst, model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
+            progress=not a.quiet,
+        )
+    return _named(report, a.src, "output", a.dst)
 
 
 def _cmd_roundtrip(a: argparse.Namespace) -> Report:
-    with _starting(a):
-        import torch  # noqa: F401  (roundtrip needs it; imported under the start-up line)
+    with _local(a.path) as path:
+        with _starting(a):
+            import torch  # noqa: F401  (roundtrip needs it; imported under the start-up line)
 
-        from .report import roundtrip
+            from .report import roundtrip
 
-        model_type = a.model_type
-        if a.path is not None:
-            model_type = _model_type_for(a.path, model_type, a.force, "roundtrip DIR")
-    return roundtrip(a.path, model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
+            model_type = a.model_type
+            if path is not None:
+                model_type = _model_type_for(str(path), model_type, a.force, "roundtrip DIR")
+        report = roundtrip(path, model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
+    return _named(report, a.path)
 
 
 def _cmd_compare(a: argparse.Namespace) -> Report:
     from .report import compare
 
-    return compare(a.expected, a.actual, strict_layout=a.strict_layout, progress=not a.quiet)
+    with _local(a.expected) as expected, _local(a.actual) as actual:
+        report = compare(expected, actual, strict_layout=a.strict_layout, progress=not a.quiet)
+    return _named(report, a.expected, "other", a.actual)
+
+
+# object storage (s3://, gs://, ...): inspect and verify read headers by ranged GETs themselves; the
+# other commands work on copies in the download cache, and a remote output is uploaded when complete
+def _is_url(path: str | None) -> bool:
+    return path is not None and "://" in path
+
+
+def _local(path: str | None) -> Any:
+    if not _is_url(path):
+        return contextlib.nullcontext(path)
+    from .remote_scan import local_copy
+
+    return local_copy(path)  # type: ignore[arg-type]
+
+
+def _published(path: str, overwrite: bool) -> Any:
+    if not _is_url(path):
+        return contextlib.nullcontext(path)
+    from .remote_scan import publish_folder
+
+    return publish_folder(path, overwrite=overwrite)
+
+
+def _named(report: Report, path: str | None, other_key: str | None = None, other: str | None = None) -> Report:
+    """The report names the URLs the user gave, not the cache folders standing in for them."""
+    if _is_url(path):
+        report.path = str(path)
+    if other_key is not None and _is_url(other):
+        report.details[other_key] = other
+    return report
 
 
 class _Usage(Exception):

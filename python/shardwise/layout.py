@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ __all__ = [
     "op_nbytes",
     "output_name",
     "plan_shards",
+    "shard_bytes",
     "shard_header",
     "torch_shard_tensors",
     "write_safetensors_shards",
@@ -234,6 +235,18 @@ def write_safetensors_shards(plan: SavePlan, folder: Path, concurrent_files: int
     """Write every shard of ``plan`` into ``folder`` (no index, no fsync), ``concurrent_files`` shards at
     a time in one native call with the GIL released; only that group's transformed tensors (e.g.
     re-permuted q/k, host copies of GPU tensors) are alive at once."""
+    for files in shard_bytes(plan, concurrent_files):
+        _core.write_files([(str(folder / name), header, pieces) for name, header, pieces in files], False)
+        del files
+
+
+def shard_bytes(
+    plan: SavePlan, concurrent_files: int = CONCURRENT_FILES
+) -> Iterator[list[tuple[str, bytes, list[tuple[int, object]]]]]:
+    """The shards of ``plan`` in groups of ``concurrent_files``: per shard its name, header bytes and
+    ``(data offset, byte view)`` pieces. Ops run group by group, so only one group's transformed
+    tensors are alive at once (the byte views keep their tensors alive). Local and remote writers
+    both take their bytes from here."""
     group = max(1, concurrent_files)
     shards = plan.shards
     for start in range(0, len(shards), group):
@@ -241,8 +254,8 @@ def write_safetensors_shards(plan: SavePlan, folder: Path, concurrent_files: int
         for shard in shards[start : start + group]:
             header, offsets = shard_header(shard)
             pieces = [(begin, byte_view(made(op))) for (begin, _), op in zip(offsets, shard.ops)]
-            files.append((str(folder / shard.name), header, pieces))  # the byte views keep their tensors alive
-        _core.write_files(files, False)
+            files.append((shard.name, header, pieces))
+        yield files
         del files
 
 

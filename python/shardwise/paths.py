@@ -17,6 +17,7 @@ from .errors import CheckpointError, CheckpointIOError
 __all__ = [
     "FormattedCheckpointFiles",
     "check_outdir_not_in_ckptdir",
+    "checkpoint_file_names",
     "copy_files",
     "get_largest_iter_folder",
     "get_path",
@@ -131,15 +132,7 @@ def resolve_checkpoint_files(
     manifest) are resolved with ``inside=True`` and must stay inside ``folder``. With
     ``torchtune_names`` (a checkpointer load of a folder shardwise saved), torchtune's output names
     are accepted too."""
-    if isinstance(checkpoint_files, FormattedCheckpointFiles):
-        names: Iterable[str] = checkpoint_files.build_checkpoint_filenames()
-    elif isinstance(checkpoint_files, Mapping):
-        names = FormattedCheckpointFiles.from_dict(checkpoint_files).build_checkpoint_filenames()
-    elif isinstance(checkpoint_files, (str, os.PathLike)):
-        names = [str(checkpoint_files)]
-    else:
-        names = [str(n) for n in checkpoint_files]
-    names = list(names)
+    names = checkpoint_file_names(checkpoint_files)
     if inside:
         for n in names:
             safe_join(Path(folder), n, "shard")
@@ -150,6 +143,21 @@ def resolve_checkpoint_files(
         raise ValueError(f"checkpoint_files names the same file twice: {[str(p) for p in paths]}")
     order = _core.sort_shard_names([str(p) for p in paths])
     return [Path(p) for p in order]
+
+
+def checkpoint_file_names(
+    checkpoint_files: Sequence[str] | Mapping[str, str] | FormattedCheckpointFiles | str | os.PathLike[str],
+) -> list[str]:
+    """The file names the torchtune forms of ``checkpoint_files`` stand for (nothing is checked)."""
+    if isinstance(checkpoint_files, FormattedCheckpointFiles):
+        names: Iterable[str] = checkpoint_files.build_checkpoint_filenames()
+    elif isinstance(checkpoint_files, Mapping):
+        names = FormattedCheckpointFiles.from_dict(checkpoint_files).build_checkpoint_filenames()
+    elif isinstance(checkpoint_files, (str, os.PathLike)):
+        names = [str(checkpoint_files)]
+    else:
+        names = [str(n) for n in checkpoint_files]
+    return list(names)
 
 
 _TORCHTUNE_SHARD = re.compile(r"^model-(\d+)-of-(\d+)\.(safetensors|bin)$")

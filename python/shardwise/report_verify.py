@@ -30,6 +30,8 @@ class _Cancelled(Exception):
 def _sha256_file(path: Path, progress: Progress | None, stop: threading.Event | None = None) -> str:
     """sha256 of a file read through a private mapping in 16 MiB chunks (hashlib drops the GIL);
     gives up between chunks once ``stop`` is set."""
+    if getattr(path, "is_remote", False):  # object storage: streamed
+        return path.sha256(progress.update if progress is not None else None)  # type: ignore[attr-defined]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -117,6 +119,10 @@ def verify(
     s = scan(path)
     infos = read_files(s.root, s.shards)
     problems = problems_from(structure_problems(s, infos))
+    if getattr(s.root, "is_remote", False):  # object storage: no marker, no complete checkpoint
+        from .remote_scan import completeness_problems
+
+        problems.extend(problems_from(completeness_problems(s)))
     want_sums = checksums or pinned is not None or write_manifest is not None
     sums: dict[str, str] = {}
     hashed = [f.name for f in infos if f.error != "missing"]

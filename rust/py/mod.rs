@@ -21,6 +21,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SafetensorsHeader>()?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_headers, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_header, m)?)?;
     m.add_function(wrap_pyfunction!(sort_shard_names, m)?)?;
     m.add_function(wrap_pyfunction!(parse_index, m)?)?;
     m.add_function(wrap_pyfunction!(dtype_size, m)?)?;
@@ -165,6 +166,21 @@ fn read_headers(
         .into_iter()
         .map(|h| SafetensorsHeader::new(py, h))
         .collect())
+}
+
+/// Validate header bytes read elsewhere (e.g. by ranged GETs from object storage): `raw` is the
+/// 8-byte prefix and the header, `file_size` the size of the whole file, `path` names it in errors.
+#[pyfunction]
+fn parse_header(
+    py: Python<'_>,
+    raw: Vec<u8>,
+    file_size: u64,
+    path: &str,
+) -> PyResult<SafetensorsHeader> {
+    let h = py
+        .detach(|| header::parse_header(path, raw, file_size))
+        .into_py_result(py)?;
+    Ok(SafetensorsHeader::new(py, h))
 }
 
 /// Numeric-aware sort: `model-2-of-10` before `model-10-of-10`; padding does not matter.

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,7 @@ from .paths import (
     FormattedCheckpointFiles,
     check_outdir_not_in_ckptdir,
     copy_files,
+    fsync_tree,
     get_largest_iter_folder,
     is_staging_name,
     make_dir,
@@ -494,7 +495,7 @@ class FullModelHFCheckpointer:
                 self._remote.publish(staging)  # type: ignore[union-attr]
             else:
                 if self._fsync:
-                    _fsync_tree(staging)
+                    fsync_tree(staging)
                 _core.publish_dir(str(staging), str(final))
         except BaseException:
             if self._remote_out:
@@ -754,20 +755,3 @@ def _remove_stale_leftovers(folder: Path) -> None:
                 os.unlink(entry.path)
         except OSError:
             continue
-
-
-def _fsync_tree(folder: Path, synced: Callable[[Path], object] | None = None) -> None:
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                raise CheckpointIOError(e.errno or 5, e.strerror or str(e), os.path.join(root, name)) from e
-            finally:
-                os.close(fd)
-            if synced is not None:  # progress (shardwise convert)
-                synced(Path(root, name))
-        _core.fsync_dir(root)
-
-

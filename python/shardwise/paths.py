@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import _core
@@ -19,6 +19,8 @@ __all__ = [
     "check_outdir_not_in_ckptdir",
     "checkpoint_file_names",
     "copy_files",
+    "fsync_file",
+    "fsync_tree",
     "get_largest_iter_folder",
     "get_path",
     "is_staging_name",
@@ -280,3 +282,27 @@ def copy_files(
             shutil.copy2(src, dest)
             copied.append(dest)
     return copied
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync one file; ``CheckpointIOError`` naming it on failure."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointIOError(e.errno or 5, e.strerror or str(e), str(path)) from e
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise CheckpointIOError(e.errno or 5, e.strerror or str(e), str(path)) from e
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path, synced: Callable[[Path], object] | None = None) -> None:
+    """fsync every file below ``folder``, then each directory, so that a rename of it is durable."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fsync_file(os.path.join(root, name))
+            if synced is not None:  # progress (shardwise convert)
+                synced(Path(root, name))
+        _core.fsync_dir(root)

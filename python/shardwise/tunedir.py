@@ -30,7 +30,7 @@ import torch
 from . import __version__, _core
 from ._progress import Progress, human_bytes
 from ._scan import not_a_folder, read_files, scan_folder
-from .checkpointer import _fsync_tree, _model_type, parse_size
+from .checkpointer import _model_type, parse_size
 from .config import ModelConfig
 from .constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
 from .convert import get_converter
@@ -44,7 +44,7 @@ from .layout import (
     plan_shards,
     write_safetensors_shards,
 )
-from .paths import copy_files, resolve_checkpoint_files, safe_join
+from .paths import copy_files, fsync_tree, resolve_checkpoint_files, safe_join
 from .report_base import Problem, Report, n_of, register_renderer, stray_warnings
 from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
 
@@ -168,7 +168,7 @@ def _sync(folder: Path, progress: bool) -> None:
     """fsync everything written (on a disk this can take seconds: it gets a bar of its own)."""
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     with Progress(total, "fsync", enabled=progress) as bar:
-        _fsync_tree(folder, lambda p: (bar.set_label(f"fsync {p.name}"), bar.update(p.stat().st_size)))
+        fsync_tree(folder, lambda p: (bar.set_label(f"fsync {p.name}"), bar.update(p.stat().st_size)))
 
 
 def _meta(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

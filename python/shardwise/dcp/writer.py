@@ -29,7 +29,7 @@ from torch.futures import Future
 
 from .. import _core
 from ..errors import CheckpointIOError, ConversionError
-from ..paths import STAGING_MARK
+from ..paths import STAGING_MARK, fsync_file, fsync_tree
 from ..shards import byte_view
 from ._plan import Layout, SourceLayout, plan_layout
 from ._rows import Dest, chunk_segments
@@ -230,16 +230,8 @@ class HFStorageWriter(StorageWriter):
             (staging / index_name(True)).write_bytes(self.layout.index)
         if self.side_files is not None:
             self.side_files(staging)
-        if self.fsync:
-            for name in os.listdir(staging):
-                p = staging / name
-                if p.is_file():
-                    fd = os.open(p, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-            _core.fsync_dir(str(staging))
+        if self.fsync:  # the index and side files written here (the shards' ranks fsynced theirs)
+            fsync_tree(staging)
         if self.publish:
             _core.publish_dir(str(staging), str(self.path))
             self.staging = None
@@ -275,12 +267,4 @@ class HFStorageWriter(StorageWriter):
         if self.is_coordinator and self.layout is not None:
             names |= {d.file for _, d in self.layout.local}
         for name in sorted(names):
-            p = staging / name
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise CheckpointIOError(e.errno or errno.EIO, f"cannot fsync: {e.strerror}", str(p)) from e
+            fsync_file(staging / name)

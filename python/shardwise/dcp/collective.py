@@ -145,9 +145,9 @@ def _materialize_non_row_ops(
         if wanted.index(op.key) % world == rank:
             out[HF_PREFIX + op.key] = t.contiguous()
         del t
+    by_row_ops = {owner.get(id(rs.tensor)) for o in ops if o.rows for rs in o.rows}
     for k in needed:  # consumed by the HF tensors above; the other ops need only what is left
-        used_elsewhere = any(owner.get(id(rs.tensor)) == k for o in ops if o.rows for rs in o.rows)
-        if not used_elsewhere:
+        if k not in by_row_ops:
             out.pop(k, None)
     return out
 

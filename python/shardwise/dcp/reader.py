@@ -64,11 +64,15 @@ class _Source:
     def __init__(self, hf: torch.Tensor, row: int, head_dim: int) -> None:
         self.hf, self.row, self.head_dim = hf, row, head_dim
 
+    def index(self, start: int, length: int) -> torch.Tensor:
+        """The HF rows of tune rows ``[start, start + length)`` (RoPE order)."""
+        rows = np.arange(start, start + length, dtype=np.int64)
+        return torch.from_numpy(self.row + rope_rows(rows, self.head_dim))
+
     def rows(self, start: int, length: int) -> torch.Tensor:
         if not self.head_dim:
             return self.hf.narrow(0, self.row + start, length)
-        idx = self.row + rope_rows(np.arange(start, start + length, dtype=np.int64), self.head_dim)
-        return self.hf.index_select(0, torch.from_numpy(idx))
+        return self.hf.index_select(0, self.index(start, length))
 
 
 class HFStorageReader(StorageReader):
@@ -167,8 +171,7 @@ class HFStorageReader(StorageReader):
                 and tuple(target.shape) == tuple(lengths) and target.dtype == src.hf.dtype
             if full_rows:  # permuted whole rows: gathered straight into the target, one copy
                 assert src is not None
-                idx = src.row + rope_rows(np.arange(off[0], off[0] + lengths[0], dtype=np.int64), src.head_dim)
-                torch.index_select(src.hf, 0, torch.from_numpy(idx), out=target)
+                torch.index_select(src.hf, 0, src.index(off[0], lengths[0]), out=target)
                 planner.commit_tensor(item, target)
                 continue
             if src is not None and off:

@@ -141,7 +141,7 @@ class Progress:
                 with self._lock:
                     if self._bar is not None and time.monotonic() >= self._shown_after:
                         self._bar.refresh()
-                        self._bar.last_print_t = self._bar._time()  # so that close() erases it
+                        self._mark_drawn()
 
         thread = threading.Thread(target=tick, name="shardwise-progress", daemon=True)
         thread.start()
@@ -151,6 +151,13 @@ class Progress:
             stop.set()
             thread.join()
             count()
+
+    def _mark_drawn(self) -> None:
+        """Tell tqdm the bar is on screen, so that ``close()`` erases it: tqdm judges that by its own
+        clock against ``start_t + delay``, which a refresh just past our own delay may not reach."""
+        bar = self._bar
+        if bar is not None:
+            bar.last_print_t = max(bar._time(), bar.start_t + bar.delay)
 
     def close(self) -> None:
         """Erase the bar (if one was drawn) so that the next output starts on a clean line."""

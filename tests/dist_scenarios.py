@@ -231,7 +231,7 @@ def stuck(rank: int, world: int) -> None:
 
 def publish_fails_on_rank0(rank: int, world: int, ckpt_dir: str, out_dir: str, files: list[str]) -> str:
     """Rank 0 cannot stage the recipe state (disk full): every rank must get an error, none may hang."""
-    import shardwise.dcp.collective as coll
+    import shardwise.checkpointer.collective as coll
     from shardwise import FullModelHFCheckpointer
 
     if rank == 0:

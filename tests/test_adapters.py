@@ -14,14 +14,14 @@ from safetensors import safe_open
 
 from ckpt_factory import LlamaSpec, llama_state_dict, write_hf_checkpoint
 from shardwise import ConversionError, FullModelHFCheckpointer, ModelConfig, ModelType
-from shardwise.convert import permute_to_hf
-from shardwise.peft import (
+from shardwise.adapters.peft import (
     PeftExportError,
     peft_to_tune_adapter_weights,
     supports_peft,
     tune_to_peft_adapter,
     tune_to_peft_adapter_config,
 )
+from shardwise.convert import permute_to_hf
 
 P = "base_model.model."
 LLAMA_CFG = {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,

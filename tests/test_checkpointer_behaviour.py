@@ -12,14 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
-from shardwise import (
-    CheckpointError,
-    ConfigError,
-    FormattedCheckpointFiles,
-    FullModelHFCheckpointer,
-    ModelType,
-)
-from shardwise.paths import check_outdir_not_in_ckptdir, copy_files, get_largest_iter_folder
+from shardwise import CheckpointError, ConfigError, FormattedCheckpointFiles, FullModelHFCheckpointer, ModelType
+from shardwise.format.paths import check_outdir_not_in_ckptdir, copy_files, get_largest_iter_folder
 
 CFG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4}
 
@@ -356,7 +350,7 @@ def test_tied_llama_with_stored_lm_head(tmp_path):
 def test_names_from_a_checkpoint_never_escape_its_folder(tmp_path):
     """An index that names a file outside its folder (absolute or ``..``) is refused by ``convert``;
     nothing outside the folder is read."""
-    from shardwise.tunedir import convert_checkpoint
+    from shardwise.report.tunedir import convert_checkpoint
 
     spec = LlamaSpec()
     sd = llama_state_dict(spec)

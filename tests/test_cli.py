@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
-from shardwise import cli
+from shardwise.cli import app as cli
 from shardwise.convert import _REGISTRY
 from shardwise.report import PROBLEM_KINDS
 

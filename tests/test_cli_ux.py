@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
-from shardwise import cli
+from shardwise.cli import app as cli
 
 INDEX = "model.safetensors.index.json"
 
@@ -188,7 +188,7 @@ def test_keyboard_interrupt_in_process_is_one_line(monkeypatch, capsys) -> None:
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("shardwise.report_inspect.scan", interrupted)
+    monkeypatch.setattr("shardwise.report.inspect.scan", interrupted)
     code, out, err = _main(["inspect", "anything"], capsys)
     assert code == 130 and out == "" and err == "shardwise inspect: interrupted\n"
 

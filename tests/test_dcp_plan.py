@@ -19,7 +19,7 @@ from shardwise.convert.base import permute_to_hf
 from shardwise.dcp._plan import SourceLayout, plan_layout
 from shardwise.dcp._rows import Dest, chunk_segments, rope_rows
 from shardwise.errors import CheckpointIOError, ConversionError, HeaderError
-from shardwise.layout import made
+from shardwise.format.layout import made
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                              HealthCheck.function_scoped_fixture])
@@ -118,7 +118,7 @@ def simulate_collective(ck: FullModelHFCheckpointer, tune: dict[str, torch.Tenso
     real.update({f"shardwise.hf::{k}": v for k, v in fallback.items()})
     # the planner drops the tune keys only fallback ops read: mimic collective._materialize_non_row_ops
     if fallback:
-        from shardwise.dcp.collective import _closure_tensors
+        from shardwise.checkpointer.collective import _closure_tensors
 
         used = {id(rs.tensor) for op in ops if op.rows for rs in op.rows}
         only_fallback = {k for op in ops if op.rows is None for t in _closure_tensors(op)

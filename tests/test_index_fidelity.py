@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
-from shardwise import FullModelHFCheckpointer, cli, compare, roundtrip, verify
-from shardwise.tunedir import convert_checkpoint
+from shardwise import FullModelHFCheckpointer, compare, roundtrip, verify
+from shardwise.cli import app as cli
+from shardwise.report.tunedir import convert_checkpoint
 
 INDEX = "model.safetensors.index.json"
 json_values = st.recursive(

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ckpt_factory import LlamaSpec, llama_state_dict, write_hf_checkpoint
-from shardwise import FullModelHFCheckpointer, ModelType, cli
+from shardwise import FullModelHFCheckpointer, ModelType
+from shardwise.cli import app as cli
 from shardwise.model_types import candidates, infer_model_type, model_type_mismatch
 
 

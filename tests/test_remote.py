@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
 from shardwise import CheckpointIOError, FullModelHFCheckpointer
-from shardwise import remote as rm
+from shardwise.store import fsspec as rm
 
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -252,7 +252,7 @@ def test_resaving_a_folder_replaces_it_whole(s3, fs, bucket, hf, tmp_path) -> No
 KILLED_CHILD = textwrap.dedent(
     """
     import json, sys
-    import shardwise.remote as rm
+    import shardwise.store.fsspec as rm
     from shardwise import FullModelHFCheckpointer
 
     src, names, out, cache = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[5]
@@ -397,7 +397,7 @@ def _cli(*args: str) -> tuple[int, dict]:
     import contextlib
     import io
 
-    from shardwise.cli import main
+    from shardwise.cli.app import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -17,12 +17,12 @@ from safetensors.torch import load_file, save_file
 import shardwise
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
 from shardwise import _core
-from shardwise._progress import Progress
 from shardwise.convert import _REGISTRY
 from shardwise.convert.llama import LLAMA_TABLE
 from shardwise.report import PROBLEM_KINDS, compare, compute_checksums, inspect_checkpoint, roundtrip, verify
+from shardwise.report.progress import Progress
+from shardwise.report.tunedir import ASIDE_NAME, ORIGIN_NAME, convert_checkpoint
 from shardwise.sample import write_sample
-from shardwise.tunedir import ASIDE_NAME, ORIGIN_NAME, convert_checkpoint
 
 INDEX = "model.safetensors.index.json"
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -489,7 +489,7 @@ def test_progress_only_on_a_tty() -> None:
 
 def test_progress_follows_the_bytes_a_native_writer_writes(tmp_path: Path) -> None:
     """``watch_writes`` counts what this process writes (a writer that reports nothing itself)."""
-    from shardwise._progress import written_bytes
+    from shardwise.report.progress import written_bytes
 
     if written_bytes() is None:
         pytest.skip("no /proc/self/io")
@@ -502,7 +502,7 @@ def test_progress_follows_the_bytes_a_native_writer_writes(tmp_path: Path) -> No
 
 def test_roundtrip_also_checks_the_checkpointer_path(monkeypatch):
     """``roundtrip`` runs FullModelHFCheckpointer load → save too: a key lost only on that path fails it."""
-    import shardwise.checkpointer as ckmod
+    import shardwise.checkpointer.facade as ckmod
     from shardwise import roundtrip
 
     real = ckmod.plan_shards

@@ -27,9 +27,9 @@ from .constants import (
 from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError, HeaderError
 
 if TYPE_CHECKING:
-    from .checkpointer import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+    from .checkpointer.facade import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
     from .config import ModelConfig
-    from .paths import FormattedCheckpointFiles, get_largest_iter_folder
+    from .format.paths import FormattedCheckpointFiles, get_largest_iter_folder
     from .report import Problem, Report, compare, roundtrip, verify
 
 __version__ = "0.1.0"
@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 #: line starts handling Ctrl-C as early as it can
 _LAZY = {
     "ModelConfig": "config",
-    **dict.fromkeys(("FormattedCheckpointFiles", "get_largest_iter_folder"), "paths"),
+    **dict.fromkeys(("FormattedCheckpointFiles", "get_largest_iter_folder"), "format.paths"),
     **dict.fromkeys(("FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"), "checkpointer"),
     **dict.fromkeys(("Problem", "Report", "compare", "roundtrip", "verify"), "report"),
 }

@@ -4,7 +4,7 @@ import os
 import sys
 
 try:
-    from .cli import main
+    from .cli.app import main
 except KeyboardInterrupt:  # Ctrl-C while the command itself was still being imported: as cli.main does
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     print(f"shardwise{' ' + command if command else ''}: interrupted", file=sys.stderr, flush=True)

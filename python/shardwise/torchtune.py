@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torchtune.training.checkpointing._checkpointer import DistributedCheckpointer
 
-from shardwise.checkpointer import FullModelHFCheckpointer
+from shardwise.checkpointer.facade import FullModelHFCheckpointer
 from shardwise.constants import MODEL_KEY, OPT_KEY
 from shardwise.errors import CheckpointError
 
@@ -179,7 +179,7 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
         hyperparameters and names are real). ``training.load_from_full_optimizer_state_dict`` takes the
         values from rank 0 (``distribute_tensor`` scatters from rank 0; the DSD path broadcasts from it),
         so a node need not hold one full optimizer state per rank."""
-        from shardwise.dcp.collective import load_sharded_recipe_state
+        from shardwise.checkpointer.collective import load_sharded_recipe_state
 
         return load_sharded_recipe_state(self._output_dir, recipe, values=_rank() == 0)
 
@@ -188,9 +188,9 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
         from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 
         from shardwise import dcp as sdcp
+        from shardwise.checkpointer.collective import SHARDED_DIR, SHARDED_KEYS, fill_leaves, split_leaves
+        from shardwise.checkpointer.recipe_state import load_recipe_state
         from shardwise.dcp.api import unwrap
-        from shardwise.dcp.collective import SHARDED_DIR, SHARDED_KEYS, fill_leaves, split_leaves
-        from shardwise.recipe_state import load_recipe_state
 
         folder = Path(checkpoint_path) if checkpoint_path is not None else self._checkpoint_paths[0].parent
         model = state_dict.get(MODEL_KEY)

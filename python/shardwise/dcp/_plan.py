@@ -20,8 +20,8 @@ import torch
 from ..config import ModelConfig
 from ..convert.base import Converter, Op, identity_op
 from ..errors import ConversionError
-from ..layout import OutputShard, SavePlan, count_params, index_bytes, plan_shards, shard_header
-from ..shards import SourceFile
+from ..format.layout import OutputShard, SavePlan, count_params, index_bytes, plan_shards, shard_header
+from ..format.shards import SourceFile
 from ._rows import Dest
 
 __all__ = ["HF_PREFIX", "Layout", "SourceLayout", "plan_layout"]

@@ -84,7 +84,7 @@ def load(
     """Load the HF folder ``path`` into ``state_dict`` in place (DTensors get their own rows only);
     keys are HF keys, or torchtune keys with ``model_type`` (or a ``converter``). Call on every rank."""
     if converter is None and model_type is not None:
-        from ..checkpointer import _model_type
+        from ..checkpointer.facade import _model_type
         from ..convert import get_converter
 
         converter = get_converter(_model_type(model_type))

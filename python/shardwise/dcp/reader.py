@@ -28,9 +28,9 @@ from ..config import ModelConfig
 from ..constants import SAFETENSOR_INDEX_FNAME
 from ..convert.base import Converter
 from ..errors import CheckpointError, ConversionError
-from ..layout import read_index
-from ..paths import safe_join
-from ..shards import load_merged, read_sources
+from ..format.layout import read_index
+from ..format.paths import safe_join
+from ..format.shards import load_merged, read_sources
 from ._rows import rope_rows
 
 __all__ = ["HFStorageReader", "hf_files"]

@@ -29,8 +29,8 @@ from torch.futures import Future
 
 from .. import _core
 from ..errors import CheckpointIOError, ConversionError
-from ..paths import STAGING_MARK, fsync_file, fsync_tree
-from ..shards import byte_view
+from ..format.paths import STAGING_MARK, fsync_file, fsync_tree
+from ..format.shards import byte_view
 from ._plan import Layout, SourceLayout, plan_layout
 from ._rows import Dest, chunk_segments
 
@@ -155,7 +155,7 @@ class HFStorageWriter(StorageWriter):
             tensors, self.source, fqn_to_index_mapping=self.fqn_to_index_mapping, max_shard_size=self.max_shard_size
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        from ..checkpointer import _remove_stale_leftovers
+        from ..checkpointer.facade import _remove_stale_leftovers
 
         _remove_stale_leftovers(self.path.parent)  # what failed saves of dead processes left (over an hour old)
         staging = self.path.parent / f".{self.path.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -225,7 +225,7 @@ class HFStorageWriter(StorageWriter):
         staging = self.staging
         (staging / _TOKEN).unlink(missing_ok=True)
         if self.layout.index is not None:
-            from ..layout import index_name
+            from ..format.layout import index_name
 
             (staging / index_name(True)).write_bytes(self.layout.index)
         if self.side_files is not None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _core
-from .errors import CheckpointError, CheckpointIOError
+from .. import _core
+from ..errors import CheckpointError, CheckpointIOError
 
 __all__ = [
     "COMPLETE_MARKER",

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _core
-from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
-from .errors import CheckpointError, CheckpointIOError
+from .. import _core
+from ..constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
+from ..errors import CheckpointError, CheckpointIOError
 from .paths import safe_join
 
 __all__ = [
@@ -144,10 +144,10 @@ def not_a_folder(p: Path) -> CheckpointIOError:
 def scan(path: str | os.PathLike[str]) -> Scan:
     """A checkpoint folder (or one weight file): index and shards. ``CheckpointIOError`` when missing."""
     if isinstance(path, str) and "://" in path:  # object storage: listing and ranged reads (remote_scan.py)
-        from .remote import is_url
+        from ..store.fsspec import is_url
 
         if is_url(path):
-            from .remote_scan import scan_remote
+            from ..store.remote_scan import scan_remote
 
             return scan_remote(path)
     p = Path(path)
@@ -258,7 +258,7 @@ def read_files(root: Path, names: Sequence[str], *, strict: bool = False, thread
     with ``torch.load(mmap=True, weights_only=True)``. With ``strict`` the first error is raised;
     otherwise it is recorded in ``FileInfo.error``. Missing files get ``error="missing"``."""
     if getattr(root, "is_remote", False):  # object storage: ranged reads (remote_scan.py)
-        from .remote_scan import header_readers
+        from ..store.remote_scan import header_readers
 
         read_many, read_one, torch_file = header_readers(threads)
     else:

@@ -17,11 +17,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import remote as rm
-from .constants import RECIPE_STATE_DIRNAME
-from .errors import CheckpointIOError
-from .layout import SavePlan, shard_bytes
-from .paths import checkpoint_file_names
+from ..constants import RECIPE_STATE_DIRNAME
+from ..errors import CheckpointIOError
+from ..format.layout import SavePlan, shard_bytes
+from ..format.paths import checkpoint_file_names
+from . import fsspec as rm
 
 __all__ = ["RemoteDirs"]
 
@@ -138,7 +138,7 @@ class RemoteDirs:
     def _paired(recipe: Path) -> str | None:
         if not recipe.is_file():
             return None
-        from .recipe_state import recipe_state_folder
+        from ..checkpointer.recipe_state import recipe_state_folder
 
         return recipe_state_folder(recipe)
 

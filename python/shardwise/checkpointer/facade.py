@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _core, peft
-from ._logging import get_logger
-from .config import ModelConfig
-from .constants import (
+from .. import _core
+from .._logging import get_logger
+from ..adapters import peft
+from ..config import ModelConfig
+from ..constants import (
     ADAPTER_CONFIG,
     ADAPTER_CONFIG_FNAME,
     ADAPTER_KEY,
@@ -30,10 +31,10 @@ from .constants import (
     REPO_ID_FNAME,
     ModelType,
 )
-from .convert import get_converter
-from .convert.base import Op
-from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError
-from .layout import (
+from ..convert import get_converter
+from ..convert.base import Op
+from ..errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError
+from ..format.layout import (
     SavePlan,
     count_params,
     index_bytes,
@@ -45,8 +46,7 @@ from .layout import (
     write_tensors,
     write_torch_shards,
 )
-from .model_types import model_type_mismatch
-from .paths import (
+from ..format.paths import (
     STAGING_MARK,
     FormattedCheckpointFiles,
     check_outdir_not_in_ckptdir,
@@ -58,22 +58,16 @@ from .paths import (
     resolve_checkpoint_files,
     user_path,
 )
-from .recipe_state import (
-    commit,
-    load_recipe_state,
-    recipe_keys,
-    recipe_state_folder,
-    save_torch_file,
-    stage_torch_save,
-)
-from .remote import is_url
-from .shards import SourceFile, check_sources_intact, load_merged, read_sources, with_file
+from ..format.shards import SourceFile, check_sources_intact, load_merged, read_sources, with_file
+from ..model_types import model_type_mismatch
+from ..store.fsspec import is_url
+from .recipe_state import commit, load_recipe_state, recipe_keys, recipe_state_folder, save_torch_file, stage_torch_save
 
 #: ``recipe_state.pt`` of a collective save lists its DCP-saved keys under this name (dcp.collective)
 SHARDED_KEYS = "_shardwise_dcp_keys"
 
 if TYPE_CHECKING:
-    from .remote_dirs import RemoteDirs
+    from ..store.remote_output import RemoteDirs
 
 __all__ = ["FormattedCheckpointFiles", "FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
 
@@ -164,7 +158,7 @@ class FullModelHFCheckpointer:
         # object storage (s3://, gs://, ...): the checkpointer works on local stand-ins (remote_dirs.py)
         self._remote: RemoteDirs | None = None
         if is_url(checkpoint_dir) or is_url(output_dir):
-            from .remote_dirs import RemoteDirs
+            from ..store.remote_output import RemoteDirs
 
             self._remote = RemoteDirs(
                 checkpoint_dir, checkpoint_files, output_dir, resume=self._should_load_recipe_state,
@@ -385,7 +379,7 @@ class FullModelHFCheckpointer:
     def _load_sharded_recipe_state(self, recipe: dict[str, Any]) -> dict[str, Any]:
         """The recipe keys a collective save wrote with DCP, merged back as full values (a hook:
         ``shardwise.torchtune`` reads them on rank 0 only)."""
-        from .dcp.collective import load_sharded_recipe_state
+        from .collective import load_sharded_recipe_state
 
         return load_sharded_recipe_state(self._output_dir, recipe)
 
@@ -461,7 +455,7 @@ class FullModelHFCheckpointer:
                     f"a sharded (DTensor) state dict cannot be saved to object storage yet ({where}): "
                     "save to a local or mounted output_dir"
                 )
-            from .dcp.collective import save_collective
+            from .collective import save_collective
 
             self._notes = []
             save_collective(self, state_dict, model, adapter, final, intermediate_checkpoint, cap)

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ._progress import Progress, human_bytes
-from ._scan import file_format, index_truth, not_a_folder, read_files, scan
-from .errors import CheckpointError
-from .report_base import Report, n_of, register_renderer
-from .report_compare import compare, file_rows
+from ..errors import CheckpointError
+from ..format.scan import file_format, index_truth, not_a_folder, read_files, scan
+from .base import Report, n_of, register_renderer
+from .compare import compare, file_rows
+from .progress import Progress, human_bytes
 
 __all__ = ["roundtrip"]
 
@@ -43,9 +43,9 @@ def roundtrip(
     Raises ``CheckpointError``/``OSError`` for unreadable input, ``KeyError`` for an unknown model type
     and ``NotImplementedError`` for one without a converter.
     """
-    from . import sample
-    from .checkpointer import FullModelHFCheckpointer, _model_type
-    from .layout import output_name
+    from .. import sample
+    from ..checkpointer.facade import FullModelHFCheckpointer, _model_type
+    from ..format.layout import output_name
     from .tunedir import convert_checkpoint
 
     if path is None:
@@ -54,7 +54,7 @@ def roundtrip(
         raise ValueError("roundtrip needs a model_type for a checkpoint folder (e.g. LLAMA3)")
     else:
         mt = _model_type(model_type)
-    from .convert import get_converter
+    from ..convert import get_converter
 
     get_converter(mt)  # NotImplementedError before any work
     t0 = time.perf_counter()

@@ -26,15 +26,15 @@ from torch.distributed.tensor import DTensor
 from .. import _core
 from ..constants import RECIPE_STATE_DIRNAME
 from ..convert.base import Op
+from ..dcp._plan import HF_PREFIX, SourceLayout
+from ..dcp.api import save, unwrap
 from ..errors import CheckpointError
-from ..layout import made
-from ..paths import STAGING_MARK, copy_files
-from ..recipe_state import commit, recipe_keys, stage_torch_save
-from ._plan import HF_PREFIX, SourceLayout
-from .api import save, unwrap
+from ..format.layout import made
+from ..format.paths import STAGING_MARK, copy_files
+from .recipe_state import commit, recipe_keys, stage_torch_save
 
 if TYPE_CHECKING:
-    from ..checkpointer import FullModelHFCheckpointer
+    from .facade import FullModelHFCheckpointer
 
 __all__ = ["SHARDED_KEYS", "fill_leaves", "load_sharded_recipe_state", "save_collective", "split_leaves"]
 
@@ -175,7 +175,7 @@ def save_collective(
 
     def prepare() -> None:
         if coord:
-            from ..checkpointer import _remove_stale_leftovers
+            from .facade import _remove_stale_leftovers
 
             ck._output_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_leftovers(ck._output_dir)

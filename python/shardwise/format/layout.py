@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from . import _core
-from ._logging import get_logger
-from ._scan import parse_index
-from .constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
-from .convert.base import Op
-from .errors import ConversionError
-from .recipe_state import default_archive_name, save_torch_file
+from .. import _core
+from .._logging import get_logger
+from ..checkpointer.recipe_state import default_archive_name, save_torch_file
+from ..constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
+from ..convert.base import Op
+from ..errors import ConversionError
+from .scan import parse_index
 from .shards import DTYPE_TO_ST, SourceFile, StorageSlot, byte_view
 
 __all__ = [

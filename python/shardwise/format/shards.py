@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import _core
-from .errors import CheckpointError, CheckpointIOError, ConversionError, HeaderError
+from .. import _core
+from ..errors import CheckpointError, CheckpointIOError, ConversionError, HeaderError
 
 __all__ = [
     "DTYPE_FROM_ST",

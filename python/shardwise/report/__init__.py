@@ -10,11 +10,11 @@ section "Command line").
 
 from __future__ import annotations
 
-from .report_base import PROBLEM_KINDS, SCHEMA_VERSION, Problem, Report
-from .report_compare import compare, first_difference
-from .report_inspect import inspect_checkpoint
-from .report_roundtrip import roundtrip
-from .report_verify import MANIFEST_SCHEMA, compute_checksums, read_manifest, verify
+from .base import PROBLEM_KINDS, SCHEMA_VERSION, Problem, Report
+from .compare import compare, first_difference
+from .inspect import inspect_checkpoint
+from .roundtrip import roundtrip
+from .verify import MANIFEST_SCHEMA, compute_checksums, read_manifest, verify
 
 __all__ = [
     "MANIFEST_SCHEMA",

@@ -6,9 +6,9 @@ import json
 import os
 import time
 
-from ._progress import human_bytes
-from ._scan import FileInfo, file_format, read_files, scan, structure_problems
-from .report_base import Report, file_entry, fmt_dtypes, index_entry, n_of, problems_from, register_renderer, totals
+from ..format.scan import FileInfo, file_format, read_files, scan, structure_problems
+from .base import Report, file_entry, fmt_dtypes, index_entry, n_of, problems_from, register_renderer, totals
+from .progress import human_bytes
 
 __all__ = ["inspect_checkpoint"]
 

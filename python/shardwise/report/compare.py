@@ -11,8 +11,8 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._progress import Progress, human_bytes
-from ._scan import (
+from ..errors import CheckpointError
+from ..format.scan import (
     FileInfo,
     Index,
     IndexTruth,
@@ -24,8 +24,8 @@ from ._scan import (
     side_files,
     structure_problems,
 )
-from .errors import CheckpointError
-from .report_base import CHUNK, Problem, Report, register_renderer
+from .base import CHUNK, Problem, Report, register_renderer
+from .progress import Progress, human_bytes
 
 if TYPE_CHECKING:
     import numpy as np  # imported where used: inspect/verify/--version start without it
@@ -93,7 +93,7 @@ def _tensor_bytes(info: FileInfo, path: Path, arr: np.ndarray) -> Callable[[Tens
             return arr[base + t.offsets[0] : base + t.offsets[1]]
 
         return st_bytes
-    from .shards import SourceFile, byte_view, load_source_tensors
+    from ..format.shards import SourceFile, byte_view, load_source_tensors
 
     loaded = load_source_tensors(SourceFile(path))
 

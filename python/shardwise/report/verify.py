@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ._progress import Progress, human_bytes
-from ._scan import Scan, read_files, scan, side_files, structure_problems
-from .errors import CheckpointError, CheckpointIOError
-from .report_base import CHUNK, Problem, Report, file_entry, index_entry, n_of, problems_from, register_renderer, totals
+from ..errors import CheckpointError, CheckpointIOError
+from ..format.scan import Scan, read_files, scan, side_files, structure_problems
+from .base import CHUNK, Problem, Report, file_entry, index_entry, n_of, problems_from, register_renderer, totals
+from .progress import Progress, human_bytes
 
 __all__ = ["MANIFEST_SCHEMA", "compute_checksums", "read_manifest", "verify"]
 
@@ -120,7 +120,7 @@ def verify(
     infos = read_files(s.root, s.shards)
     problems = problems_from(structure_problems(s, infos))
     if getattr(s.root, "is_remote", False):  # object storage: no marker, no complete checkpoint
-        from .remote_scan import completeness_problems
+        from ..store.remote_scan import completeness_problems
 
         problems.extend(problems_from(completeness_problems(s)))
     want_sums = checksums or pinned is not None or write_manifest is not None

@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
-from .constants import ModelType
-from .convert import get_converter
-from .convert.base import KeyTable, permute_to_hf, permute_to_tune
-from .convert.llama import attention_dims
-from .convert.phi3 import PHI3_TABLE
-from .errors import ConversionError
+from ..config import ModelConfig
+from ..constants import ModelType
+from ..convert import get_converter
+from ..convert.base import KeyTable, permute_to_hf, permute_to_tune
+from ..convert.llama import attention_dims
+from ..convert.phi3 import PHI3_TABLE
+from ..errors import ConversionError
 
 __all__ = [
     "FUSED_METADATA_KEY",
@@ -235,12 +235,7 @@ class _VisionFamily(_Family):
     permuted, vision encoder and projector as named by the converter."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        from .convert.llama3_vision import (
-            _CROSS_LAYER,
-            _SELF_LAYER,
-            LLAMA3_VISION_TABLE,
-            VisionDims,
-        )
+        from ..convert.llama3_vision import _CROSS_LAYER, _SELF_LAYER, LLAMA3_VISION_TABLE, VisionDims
 
         super().__init__(LLAMA3_VISION_TABLE, cfg, permute=False)
         self.dims = VisionDims.from_config(cfg)

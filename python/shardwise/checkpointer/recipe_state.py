@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from . import _core
-from .constants import NON_RECIPE_KEYS
-from .errors import CheckpointError, CheckpointIOError
-from .paths import STAGING_MARK
+from .. import _core
+from ..constants import NON_RECIPE_KEYS
+from ..errors import CheckpointError, CheckpointIOError
+from ..format.paths import STAGING_MARK
 
 __all__ = [
     "atomic_torch_save",

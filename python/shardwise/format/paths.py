@@ -9,10 +9,10 @@ import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from . import _core
-from ._logging import get_logger
-from .constants import SUFFIXES_TO_NOT_COPY
-from .errors import CheckpointError, CheckpointIOError
+from .. import _core
+from .._logging import get_logger
+from ..constants import SUFFIXES_TO_NOT_COPY
+from ..errors import CheckpointError, CheckpointIOError
 
 __all__ = [
     "FormattedCheckpointFiles",

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._scan import FileInfo, Scan
+from ..format.scan import FileInfo, Scan
 
 __all__ = ["PROBLEM_KINDS", "SCHEMA_VERSION", "Problem", "Report", "register_renderer", "stray_warnings"]
 

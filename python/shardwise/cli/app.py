@@ -1,6 +1,6 @@
 """The ``shardwise`` command: ``inspect``, ``verify``, ``convert``, ``roundtrip``, ``compare``.
 
-A thin layer over ``shardwise.report`` and ``shardwise.tunedir``. Exit codes: 0 ok, 1 a check failed,
+A thin layer over ``shardwise.report`` and ``shardwise.report.tunedir``. Exit codes: 0 ok, 1 a check failed,
 2 usage or input error (one line on stderr, no traceback; ``SHARDWISE_DEBUG=1`` shows it), 130
 interrupted (Ctrl-C: one line, nothing left behind). ``--json`` prints ``Report.to_dict()`` (schema
 in the README, "Command line"). Everything beyond argparse is imported inside :func:`main`, so that a
@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from .. import __version__
 
 if TYPE_CHECKING:
-    from .report import Report
+    from ..report import Report
 
 __all__ = ["main"]
 
@@ -30,13 +30,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _cmd_inspect(a: argparse.Namespace) -> Report:
-    from .report import inspect_checkpoint
+    from ..report import inspect_checkpoint
 
     return inspect_checkpoint(a.path, tensors=a.tensors)
 
 
 def _cmd_verify(a: argparse.Namespace) -> Report:
-    from .report import verify
+    from ..report import verify
 
     return verify(
         a.path, checksums=a.checksums, against=a.against, write_manifest=a.write_manifest, progress=not a.quiet
@@ -47,7 +47,7 @@ def _cmd_verify(a: argparse.Namespace) -> Report:
 def _starting(a: argparse.Namespace) -> Iterator[None]:
     """A ticking ``starting (import torch)`` line while the commands that build tensors import torch
     (seconds, before any bar of their own could be drawn)."""
-    from ._progress import Progress
+    from ..report.progress import Progress
 
     with Progress(0, "starting (import torch)", enabled=not a.quiet) as bar, bar.ticking():
         yield
@@ -56,9 +56,9 @@ def _starting(a: argparse.Namespace) -> Iterator[None]:
 def _model_type_for(folder: str, given: str | None, force: bool, what: str) -> str | None:
     """``--model-type`` checked against ``folder/config.json`` (a contradiction is a usage error unless
     ``--force``), or inferred from it when omitted (an ambiguous config names the choices)."""
-    from .checkpointer import _model_type
-    from .config import ModelConfig
-    from .model_types import infer_model_type, model_type_mismatch
+    from ..checkpointer.facade import _model_type
+    from ..config import ModelConfig
+    from ..model_types import infer_model_type, model_type_mismatch
 
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -77,7 +77,7 @@ def _model_type_for(folder: str, given: str | None, force: bool, what: str) -> s
 def _cmd_convert(a: argparse.Namespace) -> Report:
     with _local(a.src) as src, _published(a.dst, a.overwrite) as dst:
         with _starting(a):
-            from .tunedir import convert_checkpoint
+            from ..report.tunedir import convert_checkpoint
 
             model_type = a.model_type
             if a.to == "tune" or model_type is not None:  # --to hf without one: the origin records it
@@ -94,7 +94,7 @@ def _cmd_roundtrip(a: argparse.Namespace) -> Report:
         with _starting(a):
             import torch  # noqa: F401  (roundtrip needs it; imported under the start-up line)
 
-            from .report import roundtrip
+            from ..report import roundtrip
 
             model_type = a.model_type
             if path is not None:
@@ -104,7 +104,7 @@ def _cmd_roundtrip(a: argparse.Namespace) -> Report:
 
 
 def _cmd_compare(a: argparse.Namespace) -> Report:
-    from .report import compare
+    from ..report import compare
 
     with _local(a.expected) as expected, _local(a.actual) as actual:
         report = compare(expected, actual, strict_layout=a.strict_layout, progress=not a.quiet)
@@ -120,7 +120,7 @@ def _is_url(path: str | None) -> bool:
 def _local(path: str | None) -> Any:
     if not _is_url(path):
         return contextlib.nullcontext(path)
-    from .remote_scan import local_copy
+    from ..store.remote_scan import local_copy
 
     return local_copy(path)  # type: ignore[arg-type]
 
@@ -128,7 +128,7 @@ def _local(path: str | None) -> Any:
 def _published(path: str, overwrite: bool) -> Any:
     if not _is_url(path):
         return contextlib.nullcontext(path)
-    from .remote_scan import publish_folder
+    from ..store.remote_scan import publish_folder
 
     return publish_folder(path, overwrite=overwrite)
 
@@ -264,9 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
-    from ._logging import LOGGER_NAME
-    from .errors import CheckpointError
-    from .report import SCHEMA_VERSION
+    from .._logging import LOGGER_NAME
+    from ..errors import CheckpointError
+    from ..report import SCHEMA_VERSION
 
     # the report says what happened; the library's log lines (saved to ..., warnings the report repeats)
     # would only clutter stderr, which holds at most the one error line

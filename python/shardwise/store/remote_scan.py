@@ -16,13 +16,9 @@ from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import Any
 
-from . import remote as rm
-from ._scan import (
-    TORCH_SUFFIXES,
-    Scan,
-    scan_folder,
-)
-from .errors import CheckpointError, CheckpointIOError
+from ..errors import CheckpointError, CheckpointIOError
+from ..format.scan import TORCH_SUFFIXES, Scan, scan_folder
+from . import fsspec as rm
 
 __all__ = ["RemotePath", "completeness_problems", "local_copy", "header_readers", "publish_folder", "scan_remote"]
 

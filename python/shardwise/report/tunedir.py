@@ -27,26 +27,19 @@ from typing import Any
 
 import torch
 
-from . import __version__, _core
-from ._progress import Progress, human_bytes
-from ._scan import not_a_folder, read_files, scan_folder
-from .checkpointer import _model_type, parse_size
-from .config import ModelConfig
-from .constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
-from .convert import get_converter
-from .convert.base import Converter, LoadResult, Op, identity_op
-from .errors import CheckpointError, ConfigError, ConversionError
-from .layout import (
-    OutputShard,
-    SavePlan,
-    count_params,
-    index_bytes,
-    plan_shards,
-    write_safetensors_shards,
-)
-from .paths import copy_files, fsync_tree, resolve_checkpoint_files, safe_join
-from .report_base import Problem, Report, n_of, register_renderer, stray_warnings
-from .shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
+from .. import __version__, _core
+from ..checkpointer.facade import _model_type, parse_size
+from ..config import ModelConfig
+from ..constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
+from ..convert import get_converter
+from ..convert.base import Converter, LoadResult, Op, identity_op
+from ..errors import CheckpointError, ConfigError, ConversionError
+from ..format.layout import OutputShard, SavePlan, count_params, index_bytes, plan_shards, write_safetensors_shards
+from ..format.paths import copy_files, fsync_tree, resolve_checkpoint_files, safe_join
+from ..format.scan import not_a_folder, read_files, scan_folder
+from ..format.shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
+from .base import Problem, Report, n_of, register_renderer, stray_warnings
+from .progress import Progress, human_bytes
 
 __all__ = ["ASIDE_NAME", "ORIGIN_NAME", "ORIGIN_SCHEMA", "convert_checkpoint"]
 

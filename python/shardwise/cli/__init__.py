@@ -1,0 +1,5 @@
+"""The ``shardwise`` command: a parser, one module per command, progress bars."""
+
+from .app import main
+
+__all__ = ["main"]

@@ -19,7 +19,7 @@ import torch
 
 from .. import _core
 from .._logging import get_logger
-from ..adapters import peft
+from .. import adapters as peft
 from ..config import ModelConfig
 from ..constants import (
     ADAPTER_CONFIG,

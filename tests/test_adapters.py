@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ckpt_factory import LlamaSpec, llama_state_dict, write_hf_checkpoint
 from shardwise import ConversionError, FullModelHFCheckpointer, ModelConfig, ModelType
-from shardwise.adapters.peft import (
+from shardwise.adapters import (
     PeftExportError,
     peft_to_tune_adapter_weights,
     supports_peft,
@@ -286,7 +286,7 @@ def test_unsupported_family_warns_and_keeps_torchtune_format(tmp_path: Path, cap
                                                              mt: str) -> None:
     ckpt, names = _ckpt(tmp_path)
     ck = FullModelHFCheckpointer(str(ckpt), names, "LLAMA3", str(tmp_path / "out"))
-    ck._model_type = ModelType[mt]  # the folder is a Llama one; only the adapter path is exercised
+    ck._writer.model_type = ModelType[mt]  # the folder is a Llama one; only the adapter path is exercised
     state = {"adapter": llama_adapter(layers=1), "adapter_config": {"r": 4, "lora_alpha": 8, "target_modules": []}}
     with caplog.at_level(logging.WARNING, logger="shardwise"):
         ck.save_checkpoint(state, epoch=0, adapter_only=True)

@@ -31,7 +31,7 @@ from .base import (
     permuted_op,
 )
 
-__all__ = ["LLAMA3_VISION_TABLE", "Llama3VisionConverter", "VisionDims"]
+__all__ = ["CROSS_LAYER_TABLE", "LLAMA3_VISION_TABLE", "SELF_LAYER_TABLE", "Llama3VisionConverter", "VisionDims"]
 
 _TEXT = "language_model.model."
 _LAYER = "language_model.model.layers."
@@ -40,7 +40,7 @@ _TOK = "decoder.tok_embeddings.weight"
 _FUSION_TOK = "decoder.tok_embeddings.fusion_embedding.weight"
 
 #: HF sub-keys of a self-attention decoder layer → torchtune sub-keys of ``decoder.layers.{m}``
-_SELF_LAYER = KeyTable(
+SELF_LAYER_TABLE = KeyTable(
     [
         ("self_attn.q_proj.weight", "attn.q_proj.weight"),
         ("self_attn.k_proj.weight", "attn.k_proj.weight"),
@@ -56,7 +56,7 @@ _SELF_LAYER = KeyTable(
 )
 
 #: HF sub-keys of a cross-attention decoder layer → torchtune sub-keys of ``decoder.layers.{m}.fusion_layer``
-_CROSS_LAYER = KeyTable(
+CROSS_LAYER_TABLE = KeyTable(
     [
         ("cross_attn.q_proj.weight", "attn.q_proj.weight"),
         ("cross_attn.k_proj.weight", "attn.k_proj.weight"),
@@ -265,7 +265,7 @@ class Llama3VisionConverter(Converter):
         if not num.isdigit():
             raise ConversionError(f'unexpected key "{key}" for {self.family}: not in the key table')
         m, fusion = dims.hf_to_tune_layer(int(num))
-        table = _CROSS_LAYER if fusion else _SELF_LAYER
+        table = CROSS_LAYER_TABLE if fusion else SELF_LAYER_TABLE
         found, sub = table.lookup(rest)
         if not found:
             raise ConversionError(
@@ -315,7 +315,7 @@ class Llama3VisionConverter(Converter):
         num, _, rest = key[len("decoder.layers."):].partition(".")
         fusion = rest.startswith("fusion_layer.")
         sub = rest[len("fusion_layer."):] if fusion else rest
-        table = (_CROSS_LAYER if fusion else _SELF_LAYER).inverse()
+        table = (CROSS_LAYER_TABLE if fusion else SELF_LAYER_TABLE).inverse()
         if not num.isdigit() or not table.lookup(sub)[0]:
             raise ConversionError(f'unexpected key "{key}" for {self.family}: not in the key table')
         n = dims.tune_to_hf_layer(int(num), fusion)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
 from shardwise import CheckpointError, ConfigError, FormattedCheckpointFiles, FullModelHFCheckpointer, ModelType
-from shardwise.format.paths import check_outdir_not_in_ckptdir, copy_files, get_largest_iter_folder
+from shardwise.checkpointer.files import check_outdir_not_in_ckptdir, copy_files, get_largest_iter_folder
 
 CFG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4}
 

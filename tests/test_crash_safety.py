@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
 from shardwise import FullModelHFCheckpointer
-from shardwise.format.paths import is_staging_name
+from shardwise.store.local import is_staging_name
 
 SPEC = LlamaSpec(layers=4, heads=4, kv_heads=2, head_dim=32, hidden=256, intermediate=512, vocab=1024,
                  dtype=torch.float32)  # ~11 MB, 3 shards: a save takes long enough to be hit mid-way

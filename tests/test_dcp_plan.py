@@ -16,8 +16,8 @@ from test_convert_families import FAMILIES, convert, params
 
 from shardwise import FullModelHFCheckpointer, _core
 from shardwise.convert.base import permute_to_hf
-from shardwise.dcp._plan import SourceLayout, plan_layout
 from shardwise.dcp._rows import Dest, chunk_segments, rope_rows
+from shardwise.dcp.plan import SourceLayout, plan_layout
 from shardwise.errors import CheckpointIOError, ConversionError, HeaderError
 from shardwise.format.layout import made
 

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
 from shardwise import CheckpointIOError, FullModelHFCheckpointer
 from shardwise.store import fsspec as rm
+from shardwise.store import marker as mk
+from shardwise.store import upload, url
 
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -121,7 +123,7 @@ def test_layout_reads_exactly_the_file_bytes(header: bytes, pieces: list[bytes],
         offsets.append(pos)
         pos += len(p)
     order = data.draw(st.permutations(list(range(len(pieces)))))
-    lay = rm._Layout("mem://x", header, [(offsets[i], pieces[i]) for i in order])
+    lay = upload._Layout("mem://x", header, [(offsets[i], pieces[i]) for i in order])
     whole = header + b"".join(pieces)
     assert lay.size == len(whole)
     assert b"".join(bytes(lay.read(s, min(s + step, lay.size))) for s in range(0, lay.size, step)) == whole
@@ -129,12 +131,12 @@ def test_layout_reads_exactly_the_file_bytes(header: bytes, pieces: list[bytes],
 
 def test_layout_refuses_pieces_that_do_not_tile() -> None:
     with pytest.raises(ValueError, match="do not tile"):
-        rm._Layout("s3://b/x", b"12345678", [(0, b"ab"), (3, b"cd")])
+        upload._Layout("s3://b/x", b"12345678", [(0, b"ab"), (3, b"cd")])
 
 
 def test_url_detection() -> None:
-    assert rm.is_url("s3://bucket/model") and rm.is_url("gs://b/m") and rm.is_url("memory://x")
-    assert not rm.is_url("/tmp/model") and not rm.is_url("file:///tmp/model") and not rm.is_url(Path("s3:/x"))
+    assert url.is_url("s3://bucket/model") and url.is_url("gs://b/m") and url.is_url("memory://x")
+    assert not url.is_url("/tmp/model") and not url.is_url("file:///tmp/model") and not url.is_url(Path("s3:/x"))
 
 
 def test_missing_backend_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,9 +161,9 @@ def test_remote_to_remote_is_byte_identical(s3, fs, bucket, hf, tmp_path) -> Non
     state = ck.load_checkpoint()
     ck.save_checkpoint(state, epoch=0)
     assert _remote_files(fs, f"s3://{bucket}/run/epoch_0") == _files(local)
-    marker = json.loads(fs.cat_file(f"{bucket}/run/epoch_0/{rm.COMPLETE_MARKER}"))
+    marker = json.loads(fs.cat_file(f"{bucket}/run/epoch_0/{mk.COMPLETE_MARKER}"))
     assert marker["files"] == {n: len(b) for n, b in _files(local).items()}
-    assert not fs.exists(f"{bucket}/run/epoch_0/{rm.SAVING_MARKER}")
+    assert not fs.exists(f"{bucket}/run/epoch_0/{mk.SAVING_MARKER}")
     assert _open_uploads(fs, bucket) == []
 
 
@@ -231,7 +233,7 @@ def test_resume_reads_the_newest_complete_folder(s3, fs, bucket, hf, tmp_path) -
     state = resumed.load_checkpoint()
     assert state["epochs_run"] == 2 and state["seed"] == 7
     assert resumed._checkpoint_paths[0].parent.name == "epoch_1"
-    assert rm.latest_complete(rm.remote(f"s3://{bucket}/run", s3.storage_options()), "epoch") == "epoch_1"
+    assert mk.latest_complete(rm.remote(f"s3://{bucket}/run", s3.storage_options()), "epoch") == "epoch_1"
 
 
 def test_keep_last_n_prunes_complete_folders_only(s3, fs, bucket, hf, tmp_path) -> None:
@@ -252,7 +254,7 @@ def test_resaving_a_folder_replaces_it_whole(s3, fs, bucket, hf, tmp_path) -> No
 KILLED_CHILD = textwrap.dedent(
     """
     import json, sys
-    import shardwise.store.fsspec as rm
+    import shardwise.store.upload as rm
     from shardwise import FullModelHFCheckpointer
 
     src, names, out, cache = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[5]
@@ -293,7 +295,7 @@ def test_a_save_killed_mid_upload_leaves_nothing_complete(s3, fs, bucket, hf, tm
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     out = rm.remote(f"s3://{bucket}/run", s3.storage_options())
-    assert rm.checkpoint_folders(out, "epoch") == {"epoch_0": True, "epoch_1": False}
+    assert mk.checkpoint_folders(out, "epoch") == {"epoch_0": True, "epoch_1": False}
     assert _open_uploads(fs, bucket), "the child was killed with its multipart uploads open"
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3.env().items():
@@ -305,7 +307,7 @@ def test_a_save_killed_mid_upload_leaves_nothing_complete(s3, fs, bucket, hf, tm
     assert resumed._checkpoint_paths[0].parent.name == "epoch_0"
     # the next save removes what the dead one left, and aborts its uploads
     _save_epochs(s3, bucket, hf, tmp_path / "cache", [2])
-    assert rm.checkpoint_folders(out, "epoch") == {"epoch_0": True, "epoch_2": True}
+    assert mk.checkpoint_folders(out, "epoch") == {"epoch_0": True, "epoch_2": True}
     assert _open_uploads(fs, bucket) == []
 
 
@@ -322,7 +324,7 @@ def test_403_on_one_part_raises_naming_the_url_and_aborts(s3, fs, bucket, hf, tm
     assert isinstance(e.value, PermissionError) or e.value.errno == 13
     s3.proxy.fault = None
     assert _open_uploads(fs, bucket) == []
-    assert not fs.exists(f"{bucket}/run/epoch_0/{rm.COMPLETE_MARKER}")
+    assert not fs.exists(f"{bucket}/run/epoch_0/{mk.COMPLETE_MARKER}")
     assert _remote_files(fs, f"s3://{bucket}/run", hidden=True) == {}
 
 
@@ -344,7 +346,7 @@ def test_server_gone_mid_save_raises_and_the_next_save_cleans_up(s3, fs, bucket,
     assert e.value.filename.startswith(f"s3://{bucket}/run")
     s3.proxy.reset()  # the server is back
     out = rm.remote(f"s3://{bucket}/run", s3.storage_options())
-    assert rm.checkpoint_folders(out, "epoch") in ({}, {"epoch_0": False})
+    assert mk.checkpoint_folders(out, "epoch") in ({}, {"epoch_0": False})
     ck.save_checkpoint(ck.load_checkpoint(), epoch=0)  # the same process saves again: it takes the folder over
     assert _remote_files(fs, f"s3://{bucket}/run/epoch_0") == _files(local)
     assert _open_uploads(fs, bucket) == []
@@ -449,7 +451,7 @@ def test_convert_roundtrip_and_compare_on_urls(s3_env, fs, bucket, hf, tmp_path)
                         "--model-type", "LLAMA3")
     assert code == 0, report
     assert (report["path"], report["output"]) == (f"s3://{bucket}/model", f"s3://{bucket}/tune")
-    assert fs.exists(f"{bucket}/tune/{rm.COMPLETE_MARKER}")
+    assert fs.exists(f"{bucket}/tune/{mk.COMPLETE_MARKER}")
     code, report = _cli("convert", f"s3://{bucket}/tune", str(tmp_path / "hf"), "--to", "hf")
     assert code == 0, report
     assert _files(tmp_path / "hf") == _files(local)
@@ -515,7 +517,7 @@ def test_any_fsspec_store_round_trips_byte_identical(hf, tmp_path) -> None:
     mem = fsspec.filesystem("memory")
     base = url.removeprefix("memory://") + "/run/epoch_0/"
     got = {k.split(base, 1)[1]: mem.cat_file(k) for k in mem.find(base)}
-    assert got.pop(rm.COMPLETE_MARKER) and got == _files(local)
+    assert got.pop(mk.COMPLETE_MARKER) and got == _files(local)
     assert _save_locally(f"{url}/run/epoch_0", names, tmp_path / "out", tmp_path / "cache2") == _files(local)
 
 

@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from ckpt_factory import LlamaSpec, llama_state_dict, split_keys, write_hf_checkpoint
 from shardwise import FullModelHFCheckpointer
-from shardwise.checkpointer.recipe_state import atomic_torch_save, load_recipe_state
+from shardwise.checkpointer.recipe_state import load_recipe_state
+from shardwise.format.torchfile import atomic_torch_save
 
 SPEC = LlamaSpec(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, intermediate=24, vocab=29,
                  dtype=torch.float32)

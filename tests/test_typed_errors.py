@@ -105,15 +105,15 @@ def test_truncated_during_the_write_is_named_too(tmp_path: Path) -> None:
     save_file(sd, hf / "model.safetensors", metadata={"format": "pt"})
     script = textwrap.dedent(f"""
         import os
-        import shardwise.checkpointer as c
+        from shardwise.store.local import LocalOutput
         from shardwise import CheckpointIOError, FullModelHFCheckpointer
         ck = FullModelHFCheckpointer({str(hf)!r}, ["model.safetensors"], "QWEN2", {str(tmp_path / "out")!r})
         state = ck.load_checkpoint()
-        original = c.write_safetensors_shards
-        def truncating(plan, folder):
+        original = LocalOutput.write_files
+        def truncating(self, groups):
             os.truncate({str(hf / "model.safetensors")!r}, 4096)
-            return original(plan, folder)
-        c.write_safetensors_shards = truncating
+            return original(self, groups)
+        LocalOutput.write_files = truncating
         try:
             ck.save_checkpoint(state, epoch=0)
         except CheckpointIOError as e:

@@ -27,20 +27,24 @@ from .constants import (
 from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError, HeaderError
 
 if TYPE_CHECKING:
-    from .checkpointer.facade import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+    from .checkpointer import FullModelHFCheckpointer
+    from .checkpointer.files import FormattedCheckpointFiles, get_largest_iter_folder
     from .config import ModelConfig
-    from .format.paths import FormattedCheckpointFiles, get_largest_iter_folder
+    from .model_types import UnknownModelTypeError
     from .report import Problem, Report, compare, roundtrip, verify
+    from .units import parse_size
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 #: loaded on first use: the checkpointer imports torch (``shardwise --version``, ``inspect``, ``verify``
 #: and ``compare`` of headers start without the seconds that takes), the reports numpy; the command
 #: line starts handling Ctrl-C as early as it can
 _LAZY = {
     "ModelConfig": "config",
-    **dict.fromkeys(("FormattedCheckpointFiles", "get_largest_iter_folder"), "format.paths"),
-    **dict.fromkeys(("FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"), "checkpointer"),
+    **dict.fromkeys(("FormattedCheckpointFiles", "get_largest_iter_folder"), "checkpointer.files"),
+    "FullModelHFCheckpointer": "checkpointer",
+    "UnknownModelTypeError": "model_types",
+    "parse_size": "units",
     **dict.fromkeys(("Problem", "Report", "compare", "roundtrip", "verify"), "report"),
 }
 

@@ -11,7 +11,39 @@ from typing import Any
 from .constants import ModelType
 from .errors import ConfigError
 
-__all__ = ["ARCHITECTURES", "HF_MODEL_TYPES", "candidates", "infer_model_type", "model_type_mismatch"]
+__all__ = [
+    "ARCHITECTURES",
+    "HF_MODEL_TYPES",
+    "UnknownModelTypeError",
+    "candidates",
+    "infer_model_type",
+    "model_type_mismatch",
+    "parse_model_type",
+]
+
+
+
+class UnknownModelTypeError(ConfigError, KeyError):
+    """``model_type`` names no ``ModelType`` member (a ``KeyError`` as in torchtune, and a ``ValueError``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def parse_model_type(value: str | ModelType) -> ModelType:
+    """``"LLAMA3"``, ``"llama3"`` or ``ModelType.LLAMA3`` → the member; anything else is an
+    ``UnknownModelTypeError`` listing the members."""
+    if isinstance(value, ModelType):
+        return value
+    try:
+        return ModelType[value]
+    except KeyError:
+        for m in ModelType:
+            if str(value).lower() in (m.value, m.name.lower()):
+                return m
+    names = ", ".join(m.name for m in ModelType)
+    raise UnknownModelTypeError(f"unknown model_type {value!r}; expected one of: {names}")
+
 
 M = ModelType
 _LLAMA = (M.LLAMA2, M.LLAMA3, M.LLAMA3_2)

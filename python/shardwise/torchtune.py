@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torchtune.training.checkpointing._checkpointer import DistributedCheckpointer
 
-from shardwise.checkpointer.facade import FullModelHFCheckpointer
+from shardwise.checkpointer import FullModelHFCheckpointer
 from shardwise.constants import MODEL_KEY, OPT_KEY
 from shardwise.errors import CheckpointError
 
@@ -188,8 +188,8 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
         from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 
         from shardwise import dcp as sdcp
-        from shardwise.checkpointer.collective import SHARDED_DIR, SHARDED_KEYS, fill_leaves, split_leaves
-        from shardwise.checkpointer.recipe_state import load_recipe_state
+        from shardwise.checkpointer.collective import fill_leaves, split_leaves
+        from shardwise.checkpointer.recipe_state import SHARDED_DIR, SHARDED_KEYS, load_recipe_state
         from shardwise.dcp.api import unwrap
 
         folder = Path(checkpoint_path) if checkpoint_path is not None else self._checkpoint_paths[0].parent

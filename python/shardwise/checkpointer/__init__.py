@@ -1,6 +1,7 @@
-"""``FullModelHFCheckpointer`` (a thin facade), its path rules for resuming, the recipe state, and the
-collective (DTensor) save."""
+"""``FullModelHFCheckpointer`` (a thin facade over ``resolve``: torchtune's path rules for loading and
+resuming, ``write``: the files of one checkpoint folder, ``recipe_state`` and ``collective``: the
+DTensor save); folders are read and written through ``shardwise.store``."""
 
-from .facade import FullModelHFCheckpointer, UnknownModelTypeError, parse_size
+from .facade import FullModelHFCheckpointer
 
-__all__ = ["FullModelHFCheckpointer", "UnknownModelTypeError", "parse_size"]
+__all__ = ["FullModelHFCheckpointer"]

@@ -15,7 +15,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -26,22 +26,35 @@ from torch.distributed.tensor import DTensor
 from .. import _core
 from ..constants import RECIPE_STATE_DIRNAME
 from ..convert.base import Op
-from ..dcp._plan import HF_PREFIX, SourceLayout
 from ..dcp.api import save, unwrap
+from ..dcp.plan import HF_PREFIX, SourceLayout
 from ..errors import CheckpointError
 from ..format.layout import made
-from ..format.paths import STAGING_MARK, copy_files
-from .recipe_state import commit, recipe_keys, stage_torch_save
+from ..format.torchfile import commit, stage_torch_save
+from ..store.local import STAGING_MARK, remove_leftovers
+from .files import copy_files
+from .recipe_state import SHARDED_DIR, SHARDED_KEYS, recipe_keys
 
-if TYPE_CHECKING:
-    from .facade import FullModelHFCheckpointer
 
-__all__ = ["SHARDED_KEYS", "fill_leaves", "load_sharded_recipe_state", "save_collective", "split_leaves"]
+class Checkpoint(Protocol):
+    """What a collective save reads from its checkpointer (``FullModelHFCheckpointer`` hands one over)."""
 
-#: recorded in ``recipe_state.pt`` by a collective save: the recipe keys saved sharded with DCP, and
-#: the folder (relative to ``output_dir``) that holds them
-SHARDED_KEYS = "_shardwise_dcp_keys"  # the same name as checkpointer.SHARDED_KEYS
-SHARDED_DIR = "_shardwise_dcp_dir"
+    output_dir: Path
+    checkpoint_dir: Path
+    fsync: bool
+
+    def source_layout(self) -> SourceLayout:
+        """The input files' layout (loaded now if the checkpointer has not loaded them yet)."""
+        ...
+
+    def write_adapter_files(
+        self, state_dict: Mapping[str, Any], adapter: Mapping[str, torch.Tensor] | None, folder: Path
+    ) -> None:
+        """The adapter files of the folder (rank 0, into the staging folder)."""
+        ...
+
+__all__ = ["Checkpoint", "fill_leaves", "load_sharded_recipe_state", "save_collective", "split_leaves"]
+
 
 
 def _has_dtensor(obj: Any) -> bool:
@@ -113,7 +126,7 @@ def _closure_tensors(op: Op) -> list[torch.Tensor]:
 
 
 def _materialize_non_row_ops(
-    ck: FullModelHFCheckpointer, model: Mapping[str, Any], world: int, rank: int
+    src: SourceLayout, model: Mapping[str, Any], world: int, rank: int
 ) -> dict[str, Any]:
     """Keys whose conversion is no row map (Llama4's fused experts, vision tile tables) cannot be written
     rows-first: their inputs are gathered (collective, one key at a time, the same order on every rank),
@@ -121,7 +134,7 @@ def _materialize_non_row_ops(
     more than its share."""
     meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.items()}
     owner = {id(t): k for k, t in meta.items()}
-    ops = ck._converter.tune_to_hf_ops(meta, ck._config, ck._aside)
+    ops = src.converter.tune_to_hf_ops(meta, src.config, src.aside)
     todo = [op for op in ops if op.rows is None]
     if not todo:
         return dict(model)
@@ -133,8 +146,8 @@ def _materialize_non_row_ops(
             if k is not None and k not in needed:
                 needed.append(k)
     full = {k: _full(model[k]) for k in needed}  # collective, same order on every rank
-    real = ck._converter.tune_to_hf_ops({**{k: v for k, v in meta.items() if k not in full}, **full},
-                                        ck._config, ck._aside)
+    real = src.converter.tune_to_hf_ops({**{k: v for k, v in meta.items() if k not in full}, **full},
+                                        src.config, src.aside)
     wanted = [op.key for op in todo]
     for op in real:
         if op.key not in wanted:
@@ -153,7 +166,7 @@ def _materialize_non_row_ops(
 
 
 def save_collective(
-    ck: FullModelHFCheckpointer,
+    ck: Checkpoint,
     state_dict: Mapping[str, Any],
     model: Mapping[str, Any] | None,
     adapter: Mapping[str, Any] | None,
@@ -173,34 +186,28 @@ def save_collective(
     for d in (model or {}, adapter or {}):
         _check_placements(d)
 
+    layout: list[SourceLayout] = []
+
     def prepare() -> None:
         if coord:
-            from .facade import _remove_stale_leftovers
-
-            ck._output_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale_leftovers(ck._output_dir)
-            if (ck._output_dir / RECIPE_STATE_DIRNAME).is_dir():
-                _remove_stale_leftovers(ck._output_dir / RECIPE_STATE_DIRNAME)
-        ck._ensure_sources()
+            ck.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(ck.output_dir)
+            remove_leftovers(ck.output_dir / RECIPE_STATE_DIRNAME)
+        layout.append(ck.source_layout())
 
     _agree(prepare, "prepare the save")
+    source = layout[0]
     adapter_full = {k: _full(v) for k, v in adapter.items()} if adapter is not None else None
-    out_sd = _materialize_non_row_ops(ck, model, world, rank) if model is not None else {}
+    out_sd = _materialize_non_row_ops(source, model, world, rank) if model is not None else {}
 
     def side_files(staging: Path) -> None:  # rank 0, inside finish, before anything is published
-        ck._write_adapter_files(state_dict, adapter_full, staging)
-        copy_files(ck._checkpoint_dir, staging)
+        ck.write_adapter_files(state_dict, adapter_full, staging)
+        copy_files(ck.checkpoint_dir, staging)
 
-    source = SourceLayout(
-        converter=ck._converter, config=ck._config, aside=ck._aside,
-        sources=ck._sources, key_source=ck._key_source,
-        original_index=(ck._orig_index[1], ck._orig_index[2]) if ck._orig_index is not None else None,
-        had_index=ck._orig_index is not None or len(ck._sources) > 1,
-    )
     # the model folder: every rank writes its rows; rank 0 adds adapters and side files
-    writer = save(out_sd, final, source=source, max_shard_size=cap, fsync=ck._fsync, publish=False,
+    writer = save(out_sd, final, source=source, max_shard_size=cap, fsync=ck.fsync, publish=False,
                   side_files=side_files)
-    state_dir = ck._output_dir / RECIPE_STATE_DIRNAME
+    state_dir = ck.output_dir / RECIPE_STATE_DIRNAME
     recipe_path = state_dir / "recipe_state.pt"
     opt_tmp: Path | None = None
     opt_final: Path | None = None
@@ -220,7 +227,7 @@ def save_collective(
                 leaves: dict[str, DTensor] = {}
                 recipe = {k: (split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
                 try:
-                    dcp.save(leaves, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck._fsync))
+                    dcp.save(leaves, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck.fsync))
                 except CheckpointException as e:
                     raise unwrap(e, "save of the sharded recipe state") from None
                 recipe[SHARDED_KEYS] = sharded
@@ -232,8 +239,8 @@ def save_collective(
                 return
             if intermediate_checkpoint:
                 recipe_tmp = stage_torch_save(
-                    recipe, recipe_path, fsync=ck._fsync,
-                    tmp=ck._output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
+                    recipe, recipe_path, fsync=ck.fsync,
+                    tmp=ck.output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
                 )
             assert writer.staging is not None
             _core.publish_dir(str(writer.staging), str(final))
@@ -242,7 +249,7 @@ def save_collective(
                 os.rename(opt_tmp, opt_final)
                 opt_tmp = None
             if recipe_tmp is not None:
-                commit(recipe_tmp, recipe_path, fsync=ck._fsync)
+                commit(recipe_tmp, recipe_path, fsync=ck.fsync)
                 recipe_tmp = None
                 _drop_old_sharded(state_dir, keep=opt_final)
 

@@ -10,8 +10,8 @@ All ranks must share the output filesystem (as torch's own consolidation require
 
 from __future__ import annotations
 
-from ._plan import HF_PREFIX, SourceLayout, plan_layout
 from .api import is_sharded, load, save
+from .plan import HF_PREFIX, SourceLayout, plan_layout
 from .reader import HFStorageReader
 from .writer import HFStorageWriter
 

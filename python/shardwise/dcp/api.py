@@ -14,7 +14,7 @@ from torch.distributed.checkpoint import CheckpointException
 from ..config import ModelConfig
 from ..convert.base import Converter
 from ..errors import CheckpointError, CheckpointIOError
-from ._plan import SourceLayout
+from .plan import SourceLayout
 from .reader import HFStorageReader
 from .writer import HFStorageWriter
 
@@ -84,10 +84,10 @@ def load(
     """Load the HF folder ``path`` into ``state_dict`` in place (DTensors get their own rows only);
     keys are HF keys, or torchtune keys with ``model_type`` (or a ``converter``). Call on every rank."""
     if converter is None and model_type is not None:
-        from ..checkpointer.facade import _model_type
         from ..convert import get_converter
+        from ..model_types import parse_model_type
 
-        converter = get_converter(_model_type(model_type))
+        converter = get_converter(parse_model_type(model_type))
     reader = HFStorageReader(path, converter=converter, config=config)
     try:
         dcp.load(state_dict, storage_reader=reader, process_group=process_group)

@@ -29,8 +29,9 @@ from ..constants import SAFETENSOR_INDEX_FNAME
 from ..convert.base import Converter
 from ..errors import CheckpointError, ConversionError
 from ..format.layout import read_index
-from ..format.paths import safe_join
 from ..format.shards import load_merged, read_sources
+from ..store.local import safe_join
+from ..store.url import local_folder
 from ._rows import rope_rows
 
 __all__ = ["HFStorageReader", "hf_files"]
@@ -88,7 +89,7 @@ class HFStorageReader(StorageReader):
         config: ModelConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = local_folder(path, "shardwise.dcp.HFStorageReader")
         self.converter = converter
         if converter is not None and config is None:
             config = ModelConfig.from_file(self.path / "config.json")
@@ -99,7 +100,7 @@ class HFStorageReader(StorageReader):
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
-            self.path = Path(checkpoint_id)
+            self.path = local_folder(checkpoint_id, "shardwise.dcp.HFStorageReader")
         self._sources, self._fallback, self._hf = {}, None, {}
 
     @classmethod

@@ -29,10 +29,11 @@ from torch.futures import Future
 
 from .. import _core
 from ..errors import CheckpointIOError, ConversionError
-from ..format.paths import STAGING_MARK, fsync_file, fsync_tree
 from ..format.shards import byte_view
-from ._plan import Layout, SourceLayout, plan_layout
+from ..store.local import fsync_file, fsync_tree, remove_leftovers, staging_path
+from ..store.url import local_folder
 from ._rows import Dest, chunk_segments
+from .plan import Layout, SourceLayout, plan_layout
 
 __all__ = ["HFStorageWriter"]
 
@@ -90,7 +91,7 @@ class HFStorageWriter(StorageWriter):
         side_files: Callable[[Path], None] | None = None,
     ) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = local_folder(path, "shardwise.dcp.HFStorageWriter")
         self.fqn_to_index_mapping = dict(fqn_to_index_mapping) if fqn_to_index_mapping else None
         # torch's default (1) leaves the choice to us: the CPUs of this node shared by its ranks
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
@@ -109,7 +110,7 @@ class HFStorageWriter(StorageWriter):
     # ------------------------------------------------------------------ StorageWriter
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
-            self.path = Path(checkpoint_id)
+            self.path = local_folder(checkpoint_id, "shardwise.dcp.HFStorageWriter")
         self.staging = None
         self.layout = None
 
@@ -155,10 +156,8 @@ class HFStorageWriter(StorageWriter):
             tensors, self.source, fqn_to_index_mapping=self.fqn_to_index_mapping, max_shard_size=self.max_shard_size
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        from ..checkpointer.facade import _remove_stale_leftovers
-
-        _remove_stale_leftovers(self.path.parent)  # what failed saves of dead processes left (over an hour old)
-        staging = self.path.parent / f".{self.path.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        remove_leftovers(self.path.parent)  # what failed saves of dead processes left (over an hour old)
+        staging = staging_path(self.path)
         staging.mkdir()
         self.staging = staging
         self.layout = layout

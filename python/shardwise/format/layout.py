@@ -20,12 +20,12 @@ import torch
 
 from .. import _core
 from .._logging import get_logger
-from ..checkpointer.recipe_state import default_archive_name, save_torch_file
 from ..constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from ..convert.base import Op
 from ..errors import ConversionError
 from .scan import parse_index
 from .shards import DTYPE_TO_ST, SourceFile, StorageSlot, byte_view
+from .torchfile import default_archive_name, save_torch_file
 
 __all__ = [
     "OutputShard",

@@ -17,7 +17,8 @@ from typing import Any
 from .. import _core
 from ..constants import SAFETENSOR_INDEX_FNAME, TORCH_INDEX_FNAME
 from ..errors import CheckpointError, CheckpointIOError
-from .paths import safe_join
+from ..store.local import safe_join
+from ..store.location import locate
 
 __all__ = [
     "FileInfo", "Index", "IndexTruth", "Scan", "TensorInfo", "index_truth", "not_a_folder", "read_files", "scan",
@@ -57,10 +58,8 @@ def side_files(folder: Path) -> list[str]:
 
 
 def _listdir(folder: Path) -> list[str]:
-    """The names in ``folder``: a local one, or a ``remote_scan.RemotePath`` (its listing, read once)."""
-    if getattr(folder, "is_remote", False):
-        return list(folder.children)  # type: ignore[attr-defined]
-    return os.listdir(folder)
+    """The names in ``folder`` (a location's listing: read once for a remote folder)."""
+    return locate(folder).listdir()
 
 
 def file_format(name: str) -> str:
@@ -142,29 +141,32 @@ def not_a_folder(p: Path) -> CheckpointIOError:
 
 
 def scan(path: str | os.PathLike[str]) -> Scan:
-    """A checkpoint folder (or one weight file): index and shards. ``CheckpointIOError`` when missing."""
-    if isinstance(path, str) and "://" in path:  # object storage: listing and ranged reads (remote_scan.py)
-        from ..store.fsspec import is_url
-
-        if is_url(path):
-            from ..store.remote_scan import scan_remote
-
-            return scan_remote(path)
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointIOError(2, "no such file or directory", str(p))
-    if p.is_file():
-        if p.name.endswith(".index.json"):
-            return scan_folder(p.parent, index_name=p.name)
-        if not (p.name.endswith(".safetensors") or p.name.endswith(TORCH_SUFFIXES)):
-            raise CheckpointError(f"{p}: not a checkpoint file (expected .safetensors, .bin, .pt or .pth)")
-        return Scan(p.parent, True, None, [p.name], set(), {p.name})
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: neither a file nor a folder")
-    return scan_folder(p)
+    """A checkpoint folder (or one weight file): index and shards. ``CheckpointIOError`` when missing.
+    Local or remote alike (``shardwise.store.locate``): a remote folder is listed once and its headers
+    are read by ranged reads."""
+    root = locate(path)
+    if root.is_dir():
+        try:
+            return scan_folder(root)
+        except CheckpointError:
+            if root.save_in_progress():  # no shard yet: an incomplete checkpoint for verify, not bad input
+                return Scan(root, False, None, [])
+            raise
+    f = root.parent / root.name  # looked up in its folder's listing
+    if not f.exists():
+        raise CheckpointIOError(2, "no such file or directory", str(root))
+    if f.is_file():
+        if f.name.endswith(".index.json"):
+            return scan_folder(f.parent, index_name=f.name)
+        if not (f.name.endswith(".safetensors") or f.name.endswith(TORCH_SUFFIXES)):
+            raise CheckpointError(f"{f}: not a checkpoint file (expected .safetensors, .bin, .pt or .pth)")
+        return Scan(f.parent, True, None, [f.name], set(), {f.name})
+    raise CheckpointError(f"{f}: neither a file nor a folder")
 
 
 def scan_folder(folder: Path, index_name: str | None = None) -> Scan:
+    """The index and weight files of one folder (local or remote)."""
+    folder = locate(folder)
     try:
         names = _listdir(folder)
     except OSError as e:
@@ -257,19 +259,8 @@ def read_files(root: Path, names: Sequence[str], *, strict: bool = False, thread
     """Headers of every named file (safetensors in parallel, by the native core); torch files are opened
     with ``torch.load(mmap=True, weights_only=True)``. With ``strict`` the first error is raised;
     otherwise it is recorded in ``FileInfo.error``. Missing files get ``error="missing"``."""
-    if getattr(root, "is_remote", False):  # object storage: ranged reads (remote_scan.py)
-        from ..store.remote_scan import header_readers
-
-        read_many, read_one, torch_file = header_readers(threads)
-    else:
-        def read_many(ps: Sequence[Path]) -> list[_core.SafetensorsHeader]:
-            return _core.read_headers([str(p) for p in ps], threads)
-
-        def read_one(p: Path) -> _core.SafetensorsHeader:
-            return _core.read_header(str(p))
-
-        def torch_file(p: Path) -> Path:
-            return p
+    root = locate(root)
+    read_many, read_one, torch_file = root.header_readers(threads)  # native reads, or ranged GETs
     out: dict[str, FileInfo] = {}
     st: list[tuple[str, Path]] = []
     for name in names:

@@ -188,7 +188,7 @@ def test_keyboard_interrupt_in_process_is_one_line(monkeypatch, capsys) -> None:
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("shardwise.report.inspect.scan", interrupted)
+    monkeypatch.setattr("shardwise.report.inspection.scan", interrupted)
     code, out, err = _main(["inspect", "anything"], capsys)
     assert code == 130 and out == "" and err == "shardwise inspect: interrupted\n"
 

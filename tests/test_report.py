@@ -20,8 +20,9 @@ from shardwise import _core
 from shardwise.convert import _REGISTRY
 from shardwise.convert.llama import LLAMA_TABLE
 from shardwise.report import PROBLEM_KINDS, compare, compute_checksums, inspect_checkpoint, roundtrip, verify
+from shardwise.report.origin import ASIDE_NAME, ORIGIN_NAME
 from shardwise.report.progress import Progress
-from shardwise.report.tunedir import ASIDE_NAME, ORIGIN_NAME, convert_checkpoint
+from shardwise.report.tunedir import convert_checkpoint
 from shardwise.sample import write_sample
 
 INDEX = "model.safetensors.index.json"

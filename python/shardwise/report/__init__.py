@@ -1,20 +1,48 @@
 """Checks for regression suites and the ``shardwise`` command: ``verify``, ``compare``, ``roundtrip``,
 ``inspect_checkpoint``; each returns a :class:`Report` (``assert report.ok, report.summary()``).
 
-One module per command, each with its check and its rendering: ``report_inspect``, ``report_verify``,
-``report_compare``, ``report_roundtrip`` (``convert`` is in ``tunedir``); ``Report`` and ``Problem``
-are in ``report_base``. This module gathers the public names. The command line (``shardwise.cli``) is
-a thin layer over these functions; ``Report.to_dict()`` is its ``--json`` output (schema in the README,
-section "Command line").
+One module per command, each with its check and its rendering: ``inspection``, ``verification``,
+``comparison`` (byte-level differences in ``diff``), ``round_trip``, ``tunedir`` (``convert``); ``Report`` and
+``Problem`` are in ``base``. This package gathers the public names and imports a command's module
+only when one of its names is first used, so ``shardwise inspect`` starts without the others.
+``Report.to_dict()`` is the ``--json`` output (schema in docs/cli.md).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .base import PROBLEM_KINDS, SCHEMA_VERSION, Problem, Report
-from .compare import compare, first_difference
-from .inspect import inspect_checkpoint
-from .roundtrip import roundtrip
-from .verify import MANIFEST_SCHEMA, compute_checksums, read_manifest, verify
+
+if TYPE_CHECKING:
+    from .comparison import compare
+    from .diff import first_difference
+    from .inspection import inspect_checkpoint
+    from .round_trip import roundtrip
+    from .verification import MANIFEST_SCHEMA, compute_checksums, read_manifest, verify
+
+_LAZY = {
+    "compare": "comparison",
+    "first_difference": "diff",
+    "inspect_checkpoint": "inspection",
+    "roundtrip": "round_trip",
+    **dict.fromkeys(("MANIFEST_SCHEMA", "compute_checksums", "read_manifest", "verify"), "verification"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardwise.report' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "MANIFEST_SCHEMA",

@@ -1,7 +1,7 @@
 """What every check returns: :class:`Report` (with its :class:`Problem` list) and how it is printed.
 
-The lowest layer of the reports: each command's module (``report_inspect``, ``report_verify``,
-``report_compare``, ``report_roundtrip``, and ``tunedir`` for ``convert``) registers its renderer here
+The lowest layer of the reports: each command's module (``inspection``, ``verification``,
+``comparison``, ``round_trip``, and ``tunedir`` for ``convert``) registers its renderer here
 with :func:`register_renderer`; nothing here imports a command.
 """
 

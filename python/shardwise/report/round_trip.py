@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..format.scan import file_format, index_truth, not_a_folder, read_files, scan
 from .base import Report, n_of, register_renderer
-from .compare import compare, file_rows
+from .comparison import compare, file_rows
 from .progress import Progress, human_bytes
 
 __all__ = ["roundtrip"]
@@ -44,16 +44,17 @@ def roundtrip(
     and ``NotImplementedError`` for one without a converter.
     """
     from .. import sample
-    from ..checkpointer.facade import FullModelHFCheckpointer, _model_type
+    from ..checkpointer import FullModelHFCheckpointer
     from ..format.layout import output_name
+    from ..model_types import parse_model_type
     from .tunedir import convert_checkpoint
 
     if path is None:
-        mt = _model_type(model_type or sample.SAMPLE_MODEL_TYPE)
+        mt = parse_model_type(model_type or sample.SAMPLE_MODEL_TYPE)
     elif model_type is None:
         raise ValueError("roundtrip needs a model_type for a checkpoint folder (e.g. LLAMA3)")
     else:
-        mt = _model_type(model_type)
+        mt = parse_model_type(model_type)
     from ..convert import get_converter
 
     get_converter(mt)  # NotImplementedError before any work

@@ -27,25 +27,26 @@ from typing import Any
 
 import torch
 
-from .. import __version__, _core
-from ..checkpointer.facade import _model_type, parse_size
+from .. import _core
+from ..checkpointer.files import copy_files, resolve_checkpoint_files
 from ..config import ModelConfig
 from ..constants import SAFETENSOR_INDEX_FNAME, SUFFIXES_TO_NOT_COPY, ModelType
 from ..convert import get_converter
 from ..convert.base import Converter, LoadResult, Op, identity_op
 from ..errors import CheckpointError, ConfigError, ConversionError
 from ..format.layout import OutputShard, SavePlan, count_params, index_bytes, plan_shards, write_safetensors_shards
-from ..format.paths import copy_files, fsync_tree, resolve_checkpoint_files, safe_join
 from ..format.scan import not_a_folder, read_files, scan_folder
 from ..format.shards import SourceFile, load_merged, load_source_tensors, read_sources, with_file
+from ..model_types import parse_model_type
+from ..store.local import fsync_tree, safe_join
+from ..units import parse_size
+from ..version import __version__
 from .base import Problem, Report, n_of, register_renderer, stray_warnings
+from .origin import ASIDE_NAME, ORIGIN_NAME, ORIGIN_SCHEMA, origin_shard, origin_sources, read_origin
 from .progress import Progress, human_bytes
 
-__all__ = ["ASIDE_NAME", "ORIGIN_NAME", "ORIGIN_SCHEMA", "convert_checkpoint"]
+__all__ = ["convert_checkpoint"]
 
-ORIGIN_NAME = "shardwise-origin.json"
-ASIDE_NAME = "shardwise-aside.safetensors"
-ORIGIN_SCHEMA = "shardwise.origin/1"
 #: shard size of a fresh HF layout when neither an origin nor ``max_shard_size`` says otherwise
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -73,7 +74,7 @@ def convert_checkpoint(
     src_p, dst_p = Path(src), Path(dst)
     if not src_p.is_dir():
         raise not_a_folder(src_p)
-    mt = None if model_type is None else _model_type(model_type)
+    mt = None if model_type is None else parse_model_type(model_type)
     cap = parse_size(max_shard_size)
     _check_destination(src_p, dst_p, overwrite)
     dst_p.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +297,7 @@ def _to_tune(src: Path, out: Path, mt: ModelType, cap: int | None, progress: boo
         "shardwise_version": __version__,
         "model_type": mt.name,
         "source": {
-            "shards": [_origin_shard(source) for source in sources],
+            "shards": [origin_shard(source) for source in sources],
             "index": None if s.index is None else {
                 "name": s.index.name, "bytes": base64.b64encode(s.index.raw).decode("ascii"),
             },
@@ -313,80 +314,7 @@ def _to_tune(src: Path, out: Path, mt: ModelType, cap: int | None, progress: boo
     return result
 
 
-def _origin_shard(source: SourceFile) -> dict[str, Any]:
-    h = source.header
-    return {
-        "name": source.name,
-        "format": "safetensors" if h is not None else "torch",
-        "size": source.path.stat().st_size,
-        "header": None if h is None else base64.b64encode(bytes(h.raw)).decode("ascii"),
-        "keys": None if h is not None else list(source.keys),
-    }
-
-
 # ---------------------------------------------------------------------------------------- tune -> HF
-
-
-@dataclass
-class _RawHeader:
-    """The parts of ``_core.SafetensorsHeader`` that ``layout.shard_header`` reads, from saved bytes."""
-
-    raw: bytes
-    names: list[str]
-    dtypes: list[str]
-    shapes: list[list[int]]
-    offsets: list[tuple[int, int]]
-    metadata: dict[str, str] | None
-
-    @classmethod
-    def parse(cls, raw: bytes, where: str) -> _RawHeader:
-        try:
-            n = int.from_bytes(raw[:8], "little")
-            obj = json.loads(raw[8 : 8 + n])
-            metadata = obj.pop("__metadata__", None)
-            entries = sorted(obj.items(), key=lambda kv: kv[1]["data_offsets"][0])
-            return cls(
-                raw,
-                [k for k, _ in entries],
-                [str(v["dtype"]) for _, v in entries],
-                [[int(x) for x in v["shape"]] for _, v in entries],
-                [(int(v["data_offsets"][0]), int(v["data_offsets"][1])) for _, v in entries],
-                metadata,
-            )
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            raise CheckpointError(f"{where}: a recorded header is not a safetensors header ({e})") from e
-
-
-def _read_origin(path: Path) -> dict[str, Any]:
-    try:
-        origin = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(origin, dict) or origin.get("schema") != ORIGIN_SCHEMA:
-        raise CheckpointError(f"{path}: not a shardwise origin file (expected schema {ORIGIN_SCHEMA!r})")
-    return origin
-
-
-def _origin_sources(origin: Mapping[str, Any], where: str) -> tuple[list[SourceFile], dict[str, SourceFile]]:
-    sources: list[SourceFile] = []
-    key_source: dict[str, SourceFile] = {}
-    try:
-        for entry in origin["source"]["shards"]:
-            name = str(entry["name"])
-            safe_join(Path("."), name, "shard")
-            if entry["header"] is not None:
-                h = _RawHeader.parse(base64.b64decode(entry["header"]), f"{where} ({name})")
-                src = SourceFile(Path(name), h, list(h.names))  # type: ignore[arg-type]
-            else:
-                src = SourceFile(Path(name), None, [str(k) for k in entry["keys"]])
-            sources.append(src)
-            for k in src.keys:
-                key_source[k] = src
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{where}: malformed 'source.shards' ({e})") from e
-    return sources, key_source
 
 
 #: key prefixes only Hugging Face checkpoints have (torchtune keys start with tok_embeddings, layers, ...)
@@ -407,9 +335,9 @@ def _refuse_hf_folder(src: Path) -> None:
 
 def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress: bool) -> _Result:
     origin_path = src / ORIGIN_NAME
-    origin = _read_origin(origin_path) if origin_path.exists() else None
+    origin = read_origin(origin_path) if origin_path.exists() else None
     if origin is not None:
-        recorded = _model_type(str(origin.get("model_type")))
+        recorded = parse_model_type(str(origin.get("model_type")))
         if mt is None:
             mt = recorded
         elif get_converter(mt).__class__ is not get_converter(recorded).__class__:
@@ -464,7 +392,7 @@ def _to_hf(src: Path, out: Path, mt: ModelType | None, cap: int | None, progress
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass
     if cap is None and origin is not None:
-        sources, key_source = _origin_sources(origin, str(origin_path))
+        sources, key_source = origin_sources(origin, str(origin_path))
         had_index = original_index is not None or len(sources) > 1
         plan = plan_shards(ops, sources, key_source, safe=True, had_index=had_index)
     else:

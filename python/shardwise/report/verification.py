@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import os
 import threading
 import time
@@ -15,7 +13,8 @@ from typing import Any
 
 from ..errors import CheckpointError, CheckpointIOError
 from ..format.scan import Scan, read_files, scan, side_files, structure_problems
-from .base import CHUNK, Problem, Report, file_entry, index_entry, n_of, problems_from, register_renderer, totals
+from ..store.location import Location, locate
+from .base import Problem, Report, file_entry, index_entry, n_of, problems_from, register_renderer, totals
 from .progress import Progress, human_bytes
 
 __all__ = ["MANIFEST_SCHEMA", "compute_checksums", "read_manifest", "verify"]
@@ -23,34 +22,13 @@ __all__ = ["MANIFEST_SCHEMA", "compute_checksums", "read_manifest", "verify"]
 MANIFEST_SCHEMA = "shardwise.manifest/1"
 
 
-class _Cancelled(Exception):
-    """Raised in a hashing thread once the caller has stopped waiting (Ctrl-C)."""
-
-
-def _sha256_file(path: Path, progress: Progress | None, stop: threading.Event | None = None) -> str:
-    """sha256 of a file read through a private mapping in 16 MiB chunks (hashlib drops the GIL);
-    gives up between chunks once ``stop`` is set."""
-    if getattr(path, "is_remote", False):  # object storage: streamed
-        return path.sha256(progress.update if progress is not None else None)  # type: ignore[attr-defined]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        if progress is not None:
-            progress.set_label(f"sha256 {path.name}")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                for start in range(0, size, CHUNK):
-                    if stop is not None and stop.is_set():
-                        raise _Cancelled
-                    h.update(view[start : start + CHUNK])
-                    if progress is not None:
-                        progress.update(min(CHUNK, size - start))
-            finally:
-                view.release()
-    return h.hexdigest()
+def _sha256_file(path: Location, progress: Progress | None, stop: threading.Event | None = None) -> str:
+    """sha256 of a file (a private mapping hashed in chunks locally, streamed remotely); gives up
+    between chunks once ``stop`` is set."""
+    if progress is not None:
+        progress.set_label(f"sha256 {path.name}")
+    return path.sha256(progress.update if progress is not None else None,
+                       stop.is_set if stop is not None else None)
 
 
 def compute_checksums(
@@ -58,7 +36,8 @@ def compute_checksums(
 ) -> dict[str, str]:
     """sha256 of every named file, computed in parallel (a thread pool over mapped files). An
     interruption (Ctrl-C) stops the threads at their next chunk instead of letting them finish."""
-    paths = [root / n for n in names]
+    base = locate(root)
+    paths = [base / n for n in names]
     total = sum(p.stat().st_size for p in paths)
     workers = threads or min(len(paths), os.cpu_count() or 4, 8) or 1
     stop = threading.Event()
@@ -119,10 +98,8 @@ def verify(
     s = scan(path)
     infos = read_files(s.root, s.shards)
     problems = problems_from(structure_problems(s, infos))
-    if getattr(s.root, "is_remote", False):  # object storage: no marker, no complete checkpoint
-        from ..store.remote_scan import completeness_problems
-
-        problems.extend(problems_from(completeness_problems(s)))
+    # object storage: a folder without its completion marker is not a complete checkpoint
+    problems.extend(problems_from(s.root.completeness_problems(s.single_file)))
     want_sums = checksums or pinned is not None or write_manifest is not None
     sums: dict[str, str] = {}
     hashed = [f.name for f in infos if f.error != "missing"]

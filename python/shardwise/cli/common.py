@@ -1,0 +1,74 @@
+"""What the commands share: local stand-ins for URLs, the start-up line while torch imports, the
+``--model-type`` check, and the usage error (exit 2) found after parsing."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..report import Report
+
+__all__ = ["UsageError", "local", "model_type_for", "named", "published", "starting"]
+
+
+@contextlib.contextmanager
+def starting(a: argparse.Namespace) -> Iterator[None]:
+    """A ticking ``starting (import torch)`` line while the commands that build tensors import torch
+    (seconds, before any bar of their own could be drawn)."""
+    from ..report.progress import Progress
+
+    with Progress(0, "starting (import torch)", enabled=not a.quiet) as bar, bar.ticking():
+        yield
+
+
+def model_type_for(folder: str, given: str | None, force: bool, what: str) -> str | None:
+    """``--model-type`` checked against ``folder/config.json`` (a contradiction is a usage error unless
+    ``--force``), or inferred from it when omitted (an ambiguous config names the choices)."""
+    from ..config import ModelConfig
+    from ..model_types import infer_model_type, model_type_mismatch, parse_model_type
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        if given is None:
+            raise UsageError(f"{what} needs --model-type (e.g. --model-type LLAMA3): {path} does not exist to infer it")
+        return given
+    cfg = ModelConfig.from_file(path)
+    if given is None:
+        return infer_model_type(cfg, str(path)).name
+    mismatch = model_type_mismatch(parse_model_type(given), cfg, str(path))
+    if mismatch is not None and not force:
+        raise UsageError(f"{mismatch}; pass --force to go ahead anyway")
+    return given
+
+
+# object storage (s3://, gs://, ...): inspect and verify read headers by ranged GETs themselves; the
+# other commands work on local copies (the download cache), and a remote output is uploaded when complete
+def local(path: str | None) -> Any:
+    if path is None:
+        return contextlib.nullcontext(path)
+    from ..store.copies import local_copy
+
+    return local_copy(path)
+
+
+def published(path: str, overwrite: bool) -> Any:
+    from ..store.copies import publish_folder
+
+    return publish_folder(path, overwrite=overwrite)
+
+
+def named(report: Report, path: str | None, other_key: str | None = None, other: str | None = None) -> Report:
+    """The report names the paths the user gave (URLs), not the cache folders standing in for them."""
+    if path is not None:
+        report.path = str(path)
+    if other_key is not None and other is not None:
+        report.details[other_key] = other
+    return report
+
+
+class UsageError(Exception):
+    """A usage error found after parsing (exit 2)."""

@@ -73,7 +73,7 @@ def render() -> str:
         "",
         "Generated from the docstrings by `python -m shardwise._apidoc > docs/api.md`;",
         "`tests/test_docs.py` fails when this file and the code disagree. Everything here is importable",
-        "from `shardwise` (`from shardwise import roundtrip`); the command line is in the README.",
+        "from `shardwise` (`from shardwise import roundtrip`); the command line is in [cli.md](cli.md).",
         "",
     ]
     for section, names in SECTIONS:

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .. import _core
-from .._logging import get_logger
 from ..errors import CheckpointError, CheckpointIOError
 from .output import Output, ShardBytes
 
@@ -29,10 +26,27 @@ __all__ = [
     "staging_path",
 ]
 
-logger = get_logger()
 
 #: in the name of every folder or file being written (or left by a crash); such names start with a dot
 STAGING_MARK = ".shardwise-"
+
+
+def _tag() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:8]
+
+
+def _rmtree(path: str | os.PathLike[str], ignore_errors: bool = True) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def _logger():  # noqa: ANN202 - the logging module is imported when a save first logs, not by inspect
+    from .._logging import get_logger
+
+    return get_logger()
 
 
 def is_staging_name(name: str) -> bool:
@@ -43,7 +57,7 @@ def is_staging_name(name: str) -> bool:
 def staging_path(final: Path) -> Path:
     """A fresh dot-named sibling of ``final`` to assemble it in (this process's pid in the name, so
     that ``remove_leftovers`` can tell a dead save's folder from a live one)."""
-    return final.with_name(f".{final.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return final.with_name(f".{final.name}{STAGING_MARK}{os.getpid()}-{_tag()}")
 
 
 def safe_join(folder: Path, name: str, what: str = "file") -> Path:
@@ -119,7 +133,7 @@ def remove_leftovers(folder: Path) -> None:
             if now - entry.stat(follow_symlinks=False).st_mtime < LEFTOVER_AGE or _pid_alive(int(m.group(1))):
                 continue
             if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                _rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
         except OSError:
@@ -166,14 +180,14 @@ class LocalOutput(Output):
         # renamed aside where the exchange is unsupported) is ours to remove, and worth a warning
         for leftover in (staging, final.with_name(f"{final.name}{STAGING_MARK}old-{os.getpid()}")):
             if leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
+                _rmtree(leftover, ignore_errors=True)
                 if leftover.exists():
-                    logger.warning("Could not remove the replaced checkpoint left at %s", leftover)
+                    _logger().warning("Could not remove the replaced checkpoint left at %s", leftover)
         return str(final)
 
     def discard(self) -> None:
         if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            _rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
     def prune(self, prefix: str, keep: str, keep_n: int, paired: str | None, reads: Sequence[Path] = ()) -> None:
@@ -193,16 +207,17 @@ class LocalOutput(Output):
         for _, name in found[:surplus]:
             folder = (self.folder / name).resolve()
             if any(p == folder or folder in p.parents for p in in_use):
-                logger.info("Keeping old checkpoint %s: this run reads from it, or it goes with the recipe state", name)
+                _logger().info("Keeping old checkpoint %s: this run reads from it, or it goes with the recipe state",
+                               name)
                 continue
-            doomed = self.folder / f".{name}{STAGING_MARK}old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            doomed = self.folder / f".{name}{STAGING_MARK}old-{os.getpid()}-{_tag()}"
             try:
                 os.rename(self.folder / name, doomed)
             except OSError as e:
-                logger.warning("Could not remove old checkpoint %s: %s", self.folder / name, e)
+                _logger().warning("Could not remove old checkpoint %s: %s", self.folder / name, e)
                 continue
-            shutil.rmtree(doomed, ignore_errors=True)
-            logger.info("Removed old checkpoint %s (keep_last_n_checkpoints=%d)", name, keep_n)
+            _rmtree(doomed, ignore_errors=True)
+            _logger().info("Removed old checkpoint %s (keep_last_n_checkpoints=%d)", name, keep_n)
         if surplus and self.fsync:
             _core.fsync_dir(str(self.folder))
 

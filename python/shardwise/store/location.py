@@ -6,18 +6,18 @@ reports never ask whether a location is a URL. No torch import here.
 from __future__ import annotations
 
 import errno
-import hashlib
-import mmap
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path, PosixPath, PurePosixPath
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from ..errors import CheckpointIOError
-from . import fsspec as rm
 from .url import is_url
+
+if TYPE_CHECKING:  # the fsspec backend is imported only for a URL (inspect of a folder starts faster)
+    from .fsspec import Remote
 
 __all__ = ["CHUNK", "Cancelled", "LocalPath", "Location", "RemotePath", "locate"]
 
@@ -53,6 +53,9 @@ class LocalPath(PosixPath):
                stop: Callable[[], bool] | None = None) -> str:
         """sha256 read through a private mapping in ``CHUNK`` steps (hashlib drops the GIL); raises
         ``Cancelled`` between steps once ``stop()`` is true."""
+        import hashlib
+        import mmap
+
         h = hashlib.sha256()
         with open(self, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -84,7 +87,7 @@ class RemotePath:
     """A file or folder in object storage with the ``pathlib`` methods the scan and the reports use;
     a folder's listing is read once, a file is looked up in its parent's listing."""
 
-    def __init__(self, r: rm.Remote, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, r: Remote, info: dict[str, Any] | None = None) -> None:
         self.remote = r
         self._info = info
         self._looked_up = info is not None  # its parent's listing said whether it exists
@@ -113,7 +116,9 @@ class RemotePath:
     @property
     def parent(self) -> RemotePath:
         r = self.remote
-        return RemotePath(rm.Remote(r.fs, r.path.rsplit("/", 1)[0])) if "/" in r.path else self
+        from .fsspec import Remote
+
+        return RemotePath(Remote(r.fs, r.path.rsplit("/", 1)[0])) if "/" in r.path else self
 
     @property
     def children(self) -> dict[str, dict[str, Any]]:
@@ -132,7 +137,9 @@ class RemotePath:
             except FileNotFoundError:
                 return None
             except Exception as e:  # noqa: BLE001
-                raise rm.fail(self.remote.url, "cannot look the file up", e) from e
+                from .fsspec import fail
+
+                raise fail(self.remote.url, "cannot look the file up", e) from e
         return self._info
 
     def is_file(self) -> bool:
@@ -156,17 +163,23 @@ class RemotePath:
 
     def sha256(self, progress: Callable[[int], object] | None = None,
                stop: Callable[[], bool] | None = None) -> str:
-        return rm.sha256(self.remote, progress)
+        from .fsspec import sha256
+
+        return sha256(self.remote, progress)
 
     def header_readers(self, threads: int = 0) -> HeaderReaders:
         """Safetensors headers by ranged reads (many in parallel, or one); a torch file has no header,
         so it is downloaded into the cache and opened there."""
 
         def read_many(paths: Sequence[RemotePath]) -> list[Any]:
-            return rm.read_headers([(p.remote, p.stat().st_size) for p in paths], threads or None)
+            from .fsspec import read_headers
+
+            return read_headers([(p.remote, p.stat().st_size) for p in paths], threads or None)
 
         def read_one(p: RemotePath) -> Any:
-            return rm.read_header(p.remote, p.stat().st_size)
+            from .fsspec import read_header
+
+            return read_header(p.remote, p.stat().st_size)
 
         def torch_file(p: RemotePath) -> Path:
             from .cache import download, mirror_folder
@@ -208,5 +221,7 @@ def locate(path: str | os.PathLike[str] | Location) -> Location:
     if isinstance(path, (LocalPath, RemotePath)):
         return path
     if is_url(path):
-        return RemotePath(rm.remote(str(path)))
+        from .fsspec import remote
+
+        return RemotePath(remote(str(path)))
     return LocalPath(path)

@@ -124,6 +124,11 @@ impl std::error::Error for Error {
     }
 }
 
+/// A string shown in an error message: JSON-quoted, so that odd characters are visible.
+pub(crate) fn quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,73 +15,14 @@
 //! `{"__metadata__":{}}`.
 
 use serde::ser::{SerializeMap, Serializer};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::Dtype;
 
+use crate::dtype::{parse_dtype, tensor_nbytes, unknown_dtype};
+use crate::error::quote;
 use crate::error::{Error, Result};
-use crate::header::{quote, tensor_nbytes, MAX_HEADER_SIZE, METADATA_KEY, N_LEN};
-
-/// Every dtype name the safetensors crate knows, in its enum order.
-pub const DTYPE_NAMES: [&str; 22] = [
-    "BOOL",
-    "F4",
-    "F6_E2M3",
-    "F6_E3M2",
-    "U8",
-    "I8",
-    "F8_E5M2",
-    "F8_E4M3",
-    "F8_E8M0",
-    "F8_E4M3FNUZ",
-    "F8_E5M2FNUZ",
-    "I16",
-    "U16",
-    "F16",
-    "BF16",
-    "I32",
-    "U32",
-    "F32",
-    "C64",
-    "F64",
-    "I64",
-    "U64",
-];
-
-/// The crate's `Dtype` for a safetensors dtype name (exact, case-sensitive), if it knows it.
-pub fn parse_dtype(name: &str) -> Option<Dtype> {
-    use serde::de::IntoDeserializer;
-    let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
-        name.into_deserializer();
-    Dtype::deserialize(de).ok()
-}
-
-/// Bits per element of `dtype`.
-pub fn dtype_bits(dtype: Dtype) -> usize {
-    dtype.bitsize()
-}
-
-fn unknown_dtype(name: &str) -> Error {
-    Error::invalid(format!(
-        "unknown dtype {}; known dtypes: {}",
-        quote(name),
-        DTYPE_NAMES.join(", ")
-    ))
-}
-
-/// Bytes per element of the dtype called `name`. Sub-byte dtypes (F4, F6_*) have no whole byte
-/// size and are refused, as are unknown names.
-pub fn dtype_size(name: &str) -> Result<usize> {
-    let dtype = parse_dtype(name).ok_or_else(|| unknown_dtype(name))?;
-    let bits = dtype_bits(dtype);
-    if !bits.is_multiple_of(8) {
-        return Err(Error::invalid(format!(
-            "dtype {dtype} has {bits} bits per element, less than a byte; it has no byte size"
-        )));
-    }
-    Ok(bits / 8)
-}
+use crate::header::{MAX_HEADER_SIZE, METADATA_KEY, N_LEN};
 
 /// A fresh layout: the header bytes (8-byte prefix included) and, per input tensor in input order,
 /// its `(begin, end)` offsets in the data area.
@@ -220,6 +161,7 @@ pub fn fresh_layout(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::{dtype_bits, dtype_size, DTYPE_NAMES};
     use std::collections::HashMap;
 
     fn s(v: &[&str]) -> Vec<String> {

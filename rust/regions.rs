@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::fileio::{prefault, reserve, CHUNK_SIZE};
 use crate::header::validate_raw;
-use crate::writer::{build_pool, effective_threads, prefault, reserve, CHUNK_SIZE};
+use crate::pool::{build_pool, effective_threads};
 
 /// Most iovecs one `pwritev` takes (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;

@@ -14,7 +14,8 @@ import pytest
 from ckpt_factory import LlamaSpec, llama_state_dict, write_hf_checkpoint
 from shardwise import FullModelHFCheckpointer, ModelType
 from shardwise.cli import app as cli
-from shardwise.model_types import candidates, infer_model_type, model_type_mismatch
+from shardwise.convert import get_converter
+from shardwise.model_types import SAME_CONVERSION, candidates, infer_model_type, model_type_mismatch, pick_model_type
 
 
 def _folder(tmp_path: Path, **config: object) -> Path:
@@ -79,6 +80,42 @@ def test_cli_infers_the_model_type(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0 and json.loads(out)["model_type"] == "QWEN2"
     code = cli.main(["convert", str(hf), str(tmp_path / "tune"), "--to", "tune", "--json", "-q"])
     assert code == 0 and json.loads(capsys.readouterr().out)["model_type"] == "QWEN2"
-    phi = _folder(tmp_path / "p", model_type="phi3", architectures=["Phi3ForCausalLM"])
-    assert cli.main(["roundtrip", str(phi)]) == 2
-    assert "PHI3_MINI, PHI4" in capsys.readouterr().err
+    # a llama config without architectures also fits REWARD, whose conversion differs: ask
+    bare = _folder(tmp_path / "b", model_type="llama", architectures=None)
+    assert cli.main(["roundtrip", str(bare)]) == 2
+    assert "LLAMA2, LLAMA3, LLAMA3_2, REWARD" in capsys.readouterr().err
+
+
+def test_groups_that_convert_identically_share_one_converter() -> None:
+    """``SAME_CONVERSION`` is what lets the CLI pick without asking: each group's members must have the
+    same converter class, and every ambiguous architecture must be inside one group or ask."""
+    for group in SAME_CONVERSION:
+        assert len({type(get_converter(m)) for m in group}) == 1, group
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 32.0}, "tie_word_embeddings": True}, "LLAMA3_2"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "tie_word_embeddings": False}, "LLAMA3"),
+    ({"vocab_size": 128256, "tie_word_embeddings": False}, "LLAMA3"),
+    ({"vocab_size": 32000, "tie_word_embeddings": False}, "LLAMA2"),
+])
+def test_a_llama_config_picks_by_its_hints_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        config: dict[str, object], expected: str) -> None:
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256, **config}
+    mt, note = pick_model_type(cfg)
+    assert mt.name == expected and note is not None and expected in note and "convert identically" in note
+    hf = _folder(tmp_path, **{k: v for k, v in config.items() if k == "rope_scaling"})
+    picked, _ = pick_model_type(json.loads((hf / "config.json").read_text()))
+    code = cli.main(["roundtrip", str(hf), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["model_type"] == picked.name
+    (line,) = [ln for ln in captured.err.splitlines() if "convert identically" in ln]
+    assert line.startswith("shardwise roundtrip: model type ")
+
+
+def test_phi_picks_phi4_by_its_vocabulary() -> None:
+    phi = {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}
+    assert pick_model_type({**phi, "vocab_size": 100352})[0] is ModelType.PHI4
+    assert pick_model_type({**phi, "vocab_size": 32064})[0] is ModelType.PHI3_MINI
+    assert pick_model_type({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}) == (ModelType.QWEN2, None)

@@ -19,6 +19,8 @@ __all__ = [
     "infer_model_type",
     "model_type_mismatch",
     "parse_model_type",
+    "pick_model_type",
+    "SAME_CONVERSION",
 ]
 
 
@@ -132,3 +134,53 @@ def infer_model_type(cfg: Mapping[str, Any], source: str = "config.json") -> Mod
         names = ", ".join(m.name for m in fits)
         raise ConfigError(f"{source}: {_describe(cfg)} fits several model types ({names}); pass --model-type")
     return fits[0]
+
+
+#: members whose converters are one and the same (tests/test_model_types.py checks it against
+#: ``convert``): whichever of a group is picked, a checkpoint converts to the same bytes
+SAME_CONVERSION: tuple[frozenset[ModelType], ...] = (
+    frozenset({M.LLAMA2, M.LLAMA3, M.LLAMA3_2}),
+    frozenset({M.PHI3_MINI, M.PHI4}),
+)
+
+
+def _rope_type(cfg: Mapping[str, Any]) -> str | None:
+    rope = cfg.get("rope_scaling")
+    if not isinstance(rope, Mapping):
+        return None
+    kind = rope.get("rope_type", rope.get("type"))
+    return str(kind) if kind is not None else None
+
+
+def _by_hints(cfg: Mapping[str, Any], fits: tuple[ModelType, ...]) -> tuple[ModelType, str]:
+    """The member the config's hints point to, and the hints, for a group of ``SAME_CONVERSION``."""
+    vocab = cfg.get("vocab_size")
+    if M.PHI4 in fits or M.PHI3_MINI in fits:
+        if vocab == 100352 and M.PHI4 in fits:
+            return M.PHI4, f"vocab_size {vocab}"
+        return (M.PHI3_MINI if M.PHI3_MINI in fits else fits[0]), f"vocab_size {vocab}"
+    rope, tied = _rope_type(cfg), bool(cfg.get("tie_word_embeddings", False))
+    if rope == "llama3":
+        wanted = M.LLAMA3_2 if tied else M.LLAMA3
+        why = f"rope_scaling {rope}, {'tied' if tied else 'untied'} embeddings"
+    elif isinstance(vocab, int) and vocab >= 128000:
+        wanted, why = M.LLAMA3, f"vocab_size {vocab}"
+    else:
+        wanted, why = M.LLAMA2, f"vocab_size {vocab}, no llama3 rope scaling"
+    return (wanted if wanted in fits else fits[0]), why
+
+
+def pick_model_type(cfg: Mapping[str, Any], source: str = "config.json") -> tuple[ModelType, str | None]:
+    """The member for ``cfg`` when none was given: the only one that fits; or, when several fit that
+    convert identically (LLAMA2/LLAMA3/LLAMA3_2, PHI3_MINI/PHI4), the one the config's hints point to,
+    with a line saying which and why. ``ConfigError`` naming the choices when the choice would change
+    the bytes written (e.g. a ``llama`` config without architectures: also REWARD)."""
+    fits = candidates(cfg)
+    if fits is None or len(fits) == 1:
+        return infer_model_type(cfg, source), None
+    if not any(set(fits) <= group for group in SAME_CONVERSION):
+        return infer_model_type(cfg, source), None  # raises, naming the choices
+    chosen, why = _by_hints(cfg, fits)
+    others = ", ".join(m.name for m in fits if m is not chosen)
+    return chosen, f"model type {chosen.name} ({source}: {why}; {others} would convert identically)"
+

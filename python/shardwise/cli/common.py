@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..report import Report
 
-__all__ = ["UsageError", "local", "model_type_for", "named", "published", "starting"]
+__all__ = ["UsageError", "local", "model_type_for", "named", "published", "say", "starting"]
 
 
 @contextlib.contextmanager
@@ -25,24 +26,27 @@ def starting(a: argparse.Namespace) -> Iterator[None]:
         yield
 
 
-def model_type_for(folder: str, given: str | None, force: bool, what: str) -> str | None:
+def model_type_for(folder: str, given: str | None, force: bool, what: str) -> tuple[str | None, str | None]:
     """``--model-type`` checked against ``folder/config.json`` (a contradiction is a usage error unless
-    ``--force``), or inferred from it when omitted (an ambiguous config names the choices)."""
+    ``--force``), or inferred from it when omitted: among members that convert identically the
+    config's hints pick one (the second value says which and why: ``say`` prints it); a choice that
+    would change the bytes is a usage error naming the choices."""
     from ..config import ModelConfig
-    from ..model_types import infer_model_type, model_type_mismatch, parse_model_type
+    from ..model_types import model_type_mismatch, parse_model_type, pick_model_type
 
     path = Path(folder) / "config.json"
     if not path.is_file():
         if given is None:
             raise UsageError(f"{what} needs --model-type (e.g. --model-type LLAMA3): {path} does not exist to infer it")
-        return given
+        return given, None
     cfg = ModelConfig.from_file(path)
     if given is None:
-        return infer_model_type(cfg, str(path)).name
+        chosen, note = pick_model_type(cfg, str(path))
+        return chosen.name, note
     mismatch = model_type_mismatch(parse_model_type(given), cfg, str(path))
     if mismatch is not None and not force:
         raise UsageError(f"{mismatch}; pass --force to go ahead anyway")
-    return given
+    return given, None
 
 
 # object storage (s3://, gs://, ...): inspect and verify read headers by ranged GETs themselves; the
@@ -72,3 +76,9 @@ def named(report: Report, path: str | None, other_key: str | None = None, other:
 
 class UsageError(Exception):
     """A usage error found after parsing (exit 2)."""
+
+
+def say(note: str | None, a: argparse.Namespace) -> None:
+    """One line on stderr about a choice made for the user (unless ``-q``)."""
+    if note is not None and not a.quiet:
+        print(f"shardwise {a.command}: {note}", file=sys.stderr, flush=True)

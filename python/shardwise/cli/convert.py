@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .common import local, model_type_for, named, published, starting
+from .common import local, model_type_for, named, published, say, starting
 
 if TYPE_CHECKING:
     from ..report import Report
@@ -32,9 +32,10 @@ def run(a: argparse.Namespace) -> Report:
         with starting(a):
             from ..report.tunedir import convert_checkpoint
 
-            model_type = a.model_type
+            model_type, note = a.model_type, None
             if a.to == "tune" or model_type is not None:  # --to hf without one: the origin records it
-                model_type = model_type_for(str(src), model_type, a.force, f"convert --to {a.to}")
+                model_type, note = model_type_for(str(src), model_type, a.force, f"convert --to {a.to}")
+        say(note, a)
         report = convert_checkpoint(
             src, dst, model_type, to=a.to, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
             progress=not a.quiet,

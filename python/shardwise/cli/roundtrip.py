@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .common import local, model_type_for, named, starting
+from .common import local, model_type_for, named, say, starting
 
 if TYPE_CHECKING:
     from ..report import Report
@@ -33,8 +33,9 @@ def run(a: argparse.Namespace) -> Report:
 
             from ..report import roundtrip
 
-            model_type = a.model_type
+            model_type, note = a.model_type, None
             if path is not None:
-                model_type = model_type_for(str(path), model_type, a.force, "roundtrip DIR")
+                model_type, note = model_type_for(str(path), model_type, a.force, "roundtrip DIR")
+        say(note, a)
         report = roundtrip(path, model_type, workdir=a.workdir, keep=a.keep, progress=not a.quiet)
     return named(report, a.path)

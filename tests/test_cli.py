@@ -229,10 +229,15 @@ def test_more_failure_modes(ws: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     code, _, err = _main(["convert", str(ws / "noconfig"), str(tmp_path / "z"), "--to", "tune", "--model-type",
                           "LLAMA3"], capsys)
     _one_line_error(code, err, "config.json")
-    code, _, err = _main(["roundtrip", hf], capsys)  # a llama config: LLAMA2, LLAMA3 or LLAMA3_2
-    _one_line_error(code, err, "fits several model types (LLAMA2, LLAMA3, LLAMA3_2)")
-    code, _, err = _main(["convert", hf, str(tmp_path / "x"), "--to", "tune"], capsys)
-    _one_line_error(code, err, "pass --model-type")
+    code, _, err = _main(["roundtrip", hf], capsys)  # LLAMA2, LLAMA3, LLAMA3_2 convert identically: picked
+    assert code == 0 and "would convert identically" in err, err
+    bare = tmp_path / "bare"  # a llama config without architectures could also be REWARD: that changes bytes
+    shutil.copytree(hf, bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (bare / "config.json").write_text(json.dumps(cfg))
+    code, _, err = _main(["convert", str(bare), str(tmp_path / "x"), "--to", "tune"], capsys)
+    _one_line_error(code, err, "fits several model types (LLAMA2, LLAMA3, LLAMA3_2, REWARD); pass --model-type")
     code, _, err = _main(["convert", hf, str(tmp_path / "x"), "--to", "tune", "--model-type", "LLAMA3",
                           "--max-shard-size", "lots"], capsys)
     _one_line_error(code, err, "max_shard_size")

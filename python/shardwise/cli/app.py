@@ -44,8 +44,23 @@ def _add_common(p: argparse.ArgumentParser, default: Any) -> None:
                    help="no progress bar (it is drawn on stderr, and only when stderr is a terminal)")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without ``shutil`` (which argparse imports for every argument it
+    adds, with bz2 and lzma, only to ask the terminal width)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            try:
+                width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (ValueError, OSError, AttributeError):
+                width = 80
+            width -= 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False, formatter_class=_Formatter)
     _add_common(common, argparse.SUPPRESS)
 
     p = argparse.ArgumentParser(
@@ -53,6 +68,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         description="Inspect, verify, convert and round-trip Hugging Face / torchtune checkpoints.",
         epilog="Exit codes: 0 ok, 1 check failed, 2 usage or input error, 130 interrupted.",
         allow_abbrev=False,
+        formatter_class=_Formatter,
     )
     p.add_argument("--version", action="version", version=f"shardwise {__version__}")
     _add_common(p, False)
@@ -61,7 +77,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     for name in COMMANDS:
         cmd = importlib.import_module(f".{name}", __package__)
-        s = sub.add_parser(name, parents=[common], help=cmd.HELP, description=cmd.HELP, allow_abbrev=False)
+        s = sub.add_parser(name, parents=[common], help=cmd.HELP, description=cmd.HELP, allow_abbrev=False,
+                           formatter_class=_Formatter)
         cmd.add_arguments(s)
         s.set_defaults(run=cmd.run)
         subs[name] = s
@@ -114,15 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import logging
-
-    from .._logging import LOGGER_NAME
+    from .._logging import set_level
     from ..errors import CheckpointError
     from ..report import SCHEMA_VERSION
 
     # the report says what happened; the library's log lines (saved to ..., warnings the report repeats)
     # would only clutter stderr, which holds at most the one error line
-    logging.getLogger(LOGGER_NAME).setLevel(logging.DEBUG if os.environ.get("SHARDWISE_DEBUG") else logging.ERROR)
+    set_level(10 if os.environ.get("SHARDWISE_DEBUG") else 40)  # logging.DEBUG / logging.ERROR
     from .common import UsageError
 
     input_errors = (CheckpointError, OSError, NotImplementedError, KeyError, ValueError, UsageError)

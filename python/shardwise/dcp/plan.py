@@ -9,7 +9,6 @@ destination of each source tensor's rows.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._logging import get_logger
 from ..config import ModelConfig
 from ..convert.base import Converter, Op, identity_op
 from ..errors import ConversionError
@@ -26,7 +26,7 @@ from ._rows import Dest
 
 __all__ = ["HF_PREFIX", "Layout", "SourceLayout", "plan_layout"]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 #: a state-dict key with this prefix already holds the HF tensor of the rest of the key (written as is)
 HF_PREFIX = "shardwise.hf::"

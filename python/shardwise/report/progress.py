@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import sys
 import threading
 import time
@@ -174,7 +173,11 @@ def _columns(stream: TextIO) -> int:
         cols = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
         cols = 0
-    return cols or shutil.get_terminal_size((100, 24)).columns
+    if cols:
+        return cols
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns
 
 
 def _isatty(stream: TextIO) -> bool:

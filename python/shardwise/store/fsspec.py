@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno as _errno
 import hashlib
-import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import _core
+from .._logging import get_logger
 from ..errors import CheckpointError, CheckpointIOError
 from .url import protocol
 
 __all__ = ["CONCURRENCY", "PART_SIZE", "Remote", "concurrency", "fail", "is_s3", "part_size", "read_header",
            "read_headers", "remote", "run_all", "sha256"]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 #: bytes per uploaded part / downloaded range (S3 needs at least 5 MiB for all parts but the last);
 #: ``$SHARDWISE_REMOTE_PART_SIZE`` overrides it

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno as _errno
 import json
-import logging
 import os
 import re
 import socket
@@ -14,6 +13,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .._logging import get_logger
 from ..errors import CheckpointIOError
 from .fsspec import Remote
 from .upload import abort_uploads
@@ -21,7 +21,7 @@ from .upload import abort_uploads
 __all__ = ["CHECKPOINT_NAME", "COMPLETE_MARKER", "SAVING_MARKER", "begin_save", "checkpoint_folders", "discard",
            "finish_save", "latest_complete", "marker_problems", "read_marker", "remove_dead_saves"]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 COMPLETE_MARKER = ".shardwise-complete"
 SAVING_MARKER = ".shardwise-saving"

@@ -11,13 +11,13 @@ published by the completion-marker rule (``marker``): files first, the marker la
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._logging import get_logger
 from ..constants import RECIPE_STATE_DIRNAME
 from ..errors import CheckpointIOError
 from .cache import download, mirror, mirror_folder
@@ -39,7 +39,7 @@ from .url import is_url
 
 __all__ = ["RemoteOutput", "open_remote_dirs"]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 
 def open_remote_dirs(

@@ -4,18 +4,18 @@ workers (at most ``concurrency`` parts exist at once), streamed writers elsewher
 from __future__ import annotations
 
 import bisect
-import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._logging import get_logger
 from ..errors import CheckpointError
 from .fsspec import Remote, concurrency, fail, is_s3, part_size, run_all
 
 __all__ = ["ShardBytes", "abort_uploads", "upload_files", "upload_tree"]
 
-logger = logging.getLogger("shardwise")
+logger = get_logger()
 
 #: one file to upload: (name, header bytes, [(offset in the data area, C-contiguous buffer)])
 ShardBytes = tuple[str, bytes, Sequence[tuple[int, Any]]]

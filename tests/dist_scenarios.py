@@ -258,3 +258,38 @@ def ordered_max_shard(rank: int, world: int, full: dict[str, torch.Tensor], out:
     placements = {k: ("plain" if i % 2 else "0") for i, k in enumerate(full)}
     sdcp.save(shard_dict(full, world, placements), out, max_shard_size=cap)
     return True
+
+
+def background_checkpointer_refuses_dtensors(rank: int, world: int, ckpt_dir: str, out_dir: str,
+                                             files: list[str]) -> str:
+    from shardwise import FullModelHFCheckpointer
+
+    ck = FullModelHFCheckpointer(ckpt_dir, files, "LLAMA3", out_dir)
+    sd = shard_dict(dict(ck.load_checkpoint()["model"]), world)
+    try:
+        ck.save_checkpoint({"model": sd}, epoch=0, background=True)
+    except NotImplementedError as e:
+        return str(e)
+    return "saved"
+
+
+def async_saves(rank: int, world: int, full: dict[str, torch.Tensor], out_a: str, out_b: str) -> str:
+    """Two background saves; the shards change right after each call returns."""
+    from shardwise import dcp as sdcp
+
+    sd = shard_dict(full, world, {"ids": "plain"})
+    first = sdcp.async_save(sd, out_a)
+    for v in sd.values():  # the next step changes the values at once
+        local = v.to_local() if isinstance(v, DTensor) else v
+        if local.is_floating_point():
+            local.mul_(2)
+        else:
+            local.add_(1)
+    second = sdcp.async_save(sd, out_b)  # waits for the first
+    assert first.done()
+    for v in sd.values():
+        local = v.to_local() if isinstance(v, DTensor) else v
+        local.zero_()
+    second.result(timeout=120)
+    dist.barrier()
+    return "ok"

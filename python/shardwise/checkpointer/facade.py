@@ -25,6 +25,7 @@ from ..format.layout import SavePlan, plan_shards
 from ..format.shards import SourceFile, load_merged, read_sources, with_file
 from ..format.torchfile import commit, stage_torch_save
 from ..model_types import model_type_mismatch, parse_model_type
+from ..staging import SaveFuture, Stager, submit, wait_for_previous
 from ..store.dirs import open_dirs
 from ..store.local import STAGING_MARK, make_dir
 from ..units import gib, parse_size
@@ -127,6 +128,7 @@ class FullModelHFCheckpointer:
         self._key_source: dict[str, SourceFile] = {}
         self._aside: dict[str, torch.Tensor] = {}
         self._orig_index: tuple[Path, bytes, dict[str, Any]] | None = None
+        self._stager = Stager()  # the staging buffers of background saves, reused from save to save
         self._writer = FolderWriter(self._model_type, self._config, self._safe_serialization, self.repo_id)
 
         make_dir(self._output_dir)
@@ -189,10 +191,17 @@ class FullModelHFCheckpointer:
         step: int | None = None,
         dir_prefix: str = "epoch",
         max_shard_size: int | str | None = None,
-    ) -> None:
+        background: bool = False,
+    ) -> SaveFuture | None:
         """Write ``output_dir/epoch_{epoch}/`` (or ``step_{step}/``): HF shards and index, adapter files,
         side files; with ``intermediate_checkpoint`` also ``output_dir/recipe_state/recipe_state.pt``.
-        The folder appears only when complete; ``state_dict`` is not modified."""
+        The folder appears only when complete; ``state_dict`` is not modified.
+
+        ``background=True`` (single-process state dicts): returns a ``SaveFuture`` as soon as the state
+        (model, adapter, recipe state) is copied into staging buffers reused from save to save; the
+        files are written by a background thread and published when complete, the recipe state with
+        its folder. A later save (background or not) first waits for it and raises its error if
+        ``result()`` was not called."""
         if dir_prefix not in ("epoch", "step"):
             raise ValueError(f"dir_prefix must be 'epoch' or 'step', got {dir_prefix!r}")
         if dir_prefix == "step" and step is None:
@@ -214,6 +223,28 @@ class FullModelHFCheckpointer:
             check_tensors(adapter, "adapter")
 
         final = self._output_dir / f"{dir_prefix}_{number}"
+        if background:
+            if is_sharded(model, adapter):
+                raise NotImplementedError(
+                    "background=True is for single-process state dicts; a sharded (DTensor) one is saved "
+                    "collectively (in the background: shardwise.dcp.async_save)"
+                )
+            wait_for_previous()
+            staged = self._stager.stage(state_dict)
+            return submit(
+                lambda: self._save(staged, final, intermediate_checkpoint, adapter_only, dir_prefix, cap),
+                self._output.where(final.name),
+            )
+        wait_for_previous()
+        self._save(state_dict, final, intermediate_checkpoint, adapter_only, dir_prefix, cap)
+        return None
+
+    def _save(
+        self, state_dict: Mapping[str, Any], final: Path, intermediate_checkpoint: bool, adapter_only: bool,
+        dir_prefix: str, cap: int | None,
+    ) -> None:
+        model = None if adapter_only else state_dict.get(MODEL_KEY)
+        adapter = state_dict.get(ADAPTER_KEY)
         if is_sharded(model, adapter):
             if not self._output.collective:
                 raise NotImplementedError(

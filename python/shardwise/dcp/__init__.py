@@ -3,14 +3,16 @@ final Hugging Face shard files — no gather onto rank 0, no per-rank files, no 
 
 - ``HFStorageWriter`` / ``HFStorageReader``: a StorageWriter / StorageReader for ``dcp.save`` /
   ``dcp.load`` (drop-in for torch's ``HuggingFaceStorageWriter`` / ``HuggingFaceStorageReader``).
-- ``save`` / ``load``: the same with cleanup on failure and clear errors.
+- ``save`` / ``load``: the same with cleanup on failure and clear errors; ``async_save`` writes in the
+  background once the state is staged (a ``SaveFuture``).
 
 All ranks must share the output filesystem (as torch's own consolidation requires).
 """
 
 from __future__ import annotations
 
-from .api import is_sharded, load, save
+from ..staging import SaveFuture
+from .api import async_save, is_sharded, load, save
 from .plan import HF_PREFIX, SourceLayout, plan_layout
 from .reader import HFStorageReader
 from .writer import HFStorageWriter
@@ -19,7 +21,9 @@ __all__ = [
     "HF_PREFIX",
     "HFStorageReader",
     "HFStorageWriter",
+    "SaveFuture",
     "SourceLayout",
+    "async_save",
     "is_sharded",
     "load",
     "plan_layout",

@@ -14,11 +14,13 @@ from torch.distributed.checkpoint import CheckpointException
 from ..config import ModelConfig
 from ..convert.base import Converter
 from ..errors import CheckpointError, CheckpointIOError
+from ..staging import SaveFuture, Stager, submit, wait_for_previous
+from ..store.url import local_folder
 from .plan import SourceLayout
 from .reader import HFStorageReader
 from .writer import HFStorageWriter
 
-__all__ = ["is_sharded", "load", "save", "unwrap"]
+__all__ = ["async_save", "is_sharded", "load", "save", "unwrap"]
 
 
 def is_sharded(tensors: Mapping[str, Any]) -> bool:
@@ -70,6 +72,39 @@ def save(
         writer.abort()
         raise
     return writer
+
+
+_stager = Stager()
+_groups: dict[int, dist.ProcessGroup] = {}
+
+
+def _save_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """A gloo group of the same ranks, made once (collectively) for the background thread: the save's
+    collectives and the training loop's never share a group (not safe from two threads)."""
+    key = 0 if process_group is None else id(process_group)
+    if key not in _groups:
+        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+        _groups[key] = dist.new_group(ranks=ranks, backend="gloo")
+    return _groups[key]
+
+
+def async_save(
+    state_dict: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    **writer_args: Any,
+) -> SaveFuture:
+    """``save`` in the background; call on every rank. Returns once this rank's state is copied into
+    staging buffers (reused from save to save; pinned host memory for CUDA tensors), so the tensors
+    may change right away. The folder is published only when every rank has written its bytes. At
+    most one save is in flight: a second call first waits for the previous one (and raises its
+    error if its ``result()`` was never called). ``writer_args`` are ``save``'s."""
+    target = local_folder(path, "shardwise.dcp.async_save")
+    wait_for_previous()
+    staged = _stager.stage(dict(state_dict))
+    group = _save_group(process_group) if dist.is_available() and dist.is_initialized() else None
+    return submit(lambda: save(staged, target, process_group=group, **writer_args), str(target))
 
 
 def load(

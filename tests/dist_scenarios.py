@@ -260,17 +260,34 @@ def ordered_max_shard(rank: int, world: int, full: dict[str, torch.Tensor], out:
     return True
 
 
-def background_checkpointer_refuses_dtensors(rank: int, world: int, ckpt_dir: str, out_dir: str,
-                                             files: list[str]) -> str:
+def background_collective(rank: int, world: int, ckpt_dir: str, out_bg: str, out_sync: str, files: list[str]) -> str:
+    """A collective background save (model and a sharded optimizer state), the values changed right
+    after the call; then the same values saved synchronously elsewhere, to compare."""
     from shardwise import FullModelHFCheckpointer
 
-    ck = FullModelHFCheckpointer(ckpt_dir, files, "LLAMA3", out_dir)
-    sd = shard_dict(dict(ck.load_checkpoint()["model"]), world)
-    try:
-        ck.save_checkpoint({"model": sd}, epoch=0, background=True)
-    except NotImplementedError as e:
-        return str(e)
-    return "saved"
+    bg = FullModelHFCheckpointer(ckpt_dir, files, "LLAMA3", out_bg)
+    tune = dict(bg.load_checkpoint()["model"])
+    sd = shard_dict(tune, world)
+    first = next(iter(sd))
+    exp_avg = shard_dict({"m": torch.ones_like(tune[first])}, world)["m"]
+    opt = {"state": {first: {"exp_avg": exp_avg, "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]}
+    future = bg.save_checkpoint({"model": sd, "optimizer": opt, "epochs_run": 1}, epoch=0,
+                                intermediate_checkpoint=True, background=True)
+    assert future is not None
+    for v in sd.values():  # the next step, at once
+        v.to_local().add_(1)
+    exp_avg.to_local().mul_(5)
+    future.result(timeout=120)
+    sync = FullModelHFCheckpointer(ckpt_dir, files, "LLAMA3", out_sync)
+    sync.save_checkpoint({"model": shard_dict(tune, world), "optimizer": {
+        "state": {first: {"exp_avg": shard_dict({"m": torch.ones_like(tune[first])}, world)["m"],
+                          "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]}, "epochs_run": 1},
+        epoch=0, intermediate_checkpoint=True)
+    resumed = FullModelHFCheckpointer(ckpt_dir, files, "LLAMA3", out_bg, should_load_recipe_state=True)
+    state = resumed.load_checkpoint()
+    assert torch.equal(state["optimizer"]["state"][first]["exp_avg"], torch.ones_like(tune[first]))
+    assert state["epochs_run"] == 1
+    return "ok"
 
 
 def async_saves(rank: int, world: int, full: dict[str, torch.Tensor], out_a: str, out_b: str) -> str:

@@ -140,20 +140,20 @@ class DistributedHFCheckpointer(FullModelHFCheckpointer, DistributedCheckpointer
         *,
         save_async: bool = False,
         **kwargs: Any,
-    ) -> None:
+    ) -> Any:
         """Call on every rank. The model (DTensors) is written collectively as HF shards; with
-        ``intermediate_checkpoint`` the optimizer state is saved sharded, keyed by parameter name."""
-        if save_async:
-            raise CheckpointError(
-                "DistributedHFCheckpointer saves synchronously: set enable_async_checkpointing: False"
-            )
+        ``intermediate_checkpoint`` the optimizer state is saved sharded, keyed by parameter name.
+        ``save_async``: as torchtune's ``DistributedCheckpointer``, the call returns once the state is
+        staged and the files are written in the background (``FullModelHFCheckpointer``'s
+        ``background=True``); the next save waits for it."""
         opt, model = state_dict.get(OPT_KEY), state_dict.get(MODEL_KEY)
         # sharded (every rank, from CheckpointClient): re-key by name. A gathered or single-device save
         # (other recipes call this on rank 0 with full tensors) keeps the optimizer as the recipe gave it.
         if (intermediate_checkpoint and isinstance(opt, Mapping) and isinstance(model, Mapping)
                 and any(_is_dtensor(v) for v in model.values())):
             state_dict = {**state_dict, OPT_KEY: optimizer_state_by_name(opt, model)}
-        super().save_checkpoint(state_dict, epoch, intermediate_checkpoint, adapter_only, **kwargs)
+        return super().save_checkpoint(state_dict, epoch, intermediate_checkpoint, adapter_only, background=save_async,
+                                **kwargs)
 
     def load_checkpoint(  # type: ignore[override]
         self, state_dict: dict[str, Any] | None = None, checkpoint_path: str | os.PathLike[str] | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,13 +24,14 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader, 
 from torch.distributed.tensor import DTensor
 
 from .. import _core
-from ..constants import RECIPE_STATE_DIRNAME
+from ..constants import ADAPTER_CONFIG, RECIPE_STATE_DIRNAME
 from ..convert.base import Op
-from ..dcp.api import save, unwrap
+from ..dcp.api import save, save_group, unwrap
 from ..dcp.plan import HF_PREFIX, SourceLayout
 from ..errors import CheckpointError
 from ..format.layout import made
 from ..format.torchfile import commit, stage_torch_save
+from ..staging import SaveFuture, Stager, submit, wait_for_previous
 from ..store.local import STAGING_MARK, remove_leftovers
 from .files import copy_files
 from .recipe_state import SHARDED_DIR, SHARDED_KEYS, recipe_keys
@@ -173,23 +174,28 @@ def save_collective(
     final: Path,
     intermediate_checkpoint: bool,
     cap: int | None,
-) -> None:
+    *,
+    stager: Stager | None = None,
+    after: Callable[[], None] = lambda: None,
+) -> SaveFuture | None:
     """The collective form of ``save_checkpoint``; see the module docstring. Call on every rank.
 
     Every step that runs on some ranks only (rank 0's file work) ends at a point where all ranks agree
     on its outcome (``_agree``), so a failure there is an error on every rank, never a rank left
-    waiting in a collective."""
+    waiting in a collective. With a ``stager`` the save goes to the background: the collectives that
+    need the training's process group (gathering adapters and the keys that are no row map) run now,
+    the state is staged, and the writes, DCP's own collectives and the publish run on the background
+    thread over a gloo group of their own; ``after`` runs once the folder is published."""
     if not dist.is_initialized():
         raise CheckpointError("a state dict with DTensors is saved collectively: initialise torch.distributed first")
     rank, world = dist.get_rank(), dist.get_world_size()
-    coord = rank == 0
     for d in (model or {}, adapter or {}):
         _check_placements(d)
 
     layout: list[SourceLayout] = []
 
     def prepare() -> None:
-        if coord:
+        if rank == 0:
             ck.output_dir.mkdir(parents=True, exist_ok=True)
             remove_leftovers(ck.output_dir)
             remove_leftovers(ck.output_dir / RECIPE_STATE_DIRNAME)
@@ -199,45 +205,70 @@ def save_collective(
     source = layout[0]
     adapter_full = {k: _full(v) for k, v in adapter.items()} if adapter is not None else None
     out_sd = _materialize_non_row_ops(source, model, world, rank) if model is not None else {}
+    recipe: dict[str, Any] = {}
+    leaves: dict[str, DTensor] = {}
+    sharded: list[str] = []
+    if intermediate_checkpoint:
+        recipe = recipe_keys(state_dict, final.name)
+        sharded = sorted(k for k, v in recipe.items() if _has_dtensor(v))
+        recipe = {k: (split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
+    config = {ADAPTER_CONFIG: state_dict[ADAPTER_CONFIG]} if ADAPTER_CONFIG in state_dict else {}
+    parts = {"model": out_sd, "adapter": adapter_full, "recipe": recipe, "leaves": leaves, "config": config}
+
+    def write(parts: dict[str, Any], group: dist.ProcessGroup | None) -> None:
+        _write(ck, parts, sharded, source, final, cap, group)
+        after()
+
+    if stager is None:
+        write(parts, None)
+        return None
+    wait_for_previous()  # the buffers are the previous save's until it is done
+    staged = stager.stage(parts)
+    group = save_group(None)
+    return submit(lambda: write(staged, group), str(final))
+
+
+def _write(
+    ck: Checkpoint, parts: dict[str, Any], sharded: list[str], source: SourceLayout, final: Path,
+    cap: int | None, group: dist.ProcessGroup | None,
+) -> None:
+    """Every rank writes its rows of the model folder (rank 0 adds adapters and side files), the
+    sharded recipe state goes to a DCP folder of its own, then rank 0 publishes both and commits
+    ``recipe_state.pt``; all collectives over ``group`` (None: the default group)."""
+    coord = dist.get_rank() == 0
+    adapter_full, recipe, leaves = parts["adapter"], parts["recipe"], parts["leaves"]
 
     def side_files(staging: Path) -> None:  # rank 0, inside finish, before anything is published
-        ck.write_adapter_files(state_dict, adapter_full, staging)
+        ck.write_adapter_files(parts["config"], adapter_full, staging)
         copy_files(ck.checkpoint_dir, staging)
 
-    # the model folder: every rank writes its rows; rank 0 adds adapters and side files
-    writer = save(out_sd, final, source=source, max_shard_size=cap, fsync=ck.fsync, publish=False,
-                  side_files=side_files)
+    writer = save(parts["model"], final, source=source, max_shard_size=cap, fsync=ck.fsync, publish=False,
+                  side_files=side_files, process_group=group)
     state_dir = ck.output_dir / RECIPE_STATE_DIRNAME
     recipe_path = state_dir / "recipe_state.pt"
     opt_tmp: Path | None = None
     opt_final: Path | None = None
     recipe_tmp: Path | None = None
     try:
-        recipe: dict[str, Any] = {}
-        if intermediate_checkpoint:
-            recipe = recipe_keys(state_dict, final.name)
-            sharded = sorted(k for k, v in recipe.items() if _has_dtensor(v))
-            if sharded:
-                # a folder of its own per save, named in recipe_state.pt, which is committed last: a
-                # crash in between leaves the previous pair (recipe_state.pt + its folder) as it was
-                # names from rank 0 (its pid marks the staging folder as its own for the leftover sweep)
-                tag, pid = _broadcast((f"{final.name}-{uuid.uuid4().hex[:8]}", os.getpid()))
-                opt_final = state_dir / f"sharded-{tag}"
-                opt_tmp = state_dir / f".sharded-{tag}{STAGING_MARK}{pid}"
-                leaves: dict[str, DTensor] = {}
-                recipe = {k: (split_leaves(v, k, leaves) if k in sharded else v) for k, v in recipe.items()}
-                try:
-                    dcp.save(leaves, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck.fsync))
-                except CheckpointException as e:
-                    raise unwrap(e, "save of the sharded recipe state") from None
-                recipe[SHARDED_KEYS] = sharded
-                recipe[SHARDED_DIR] = f"{RECIPE_STATE_DIRNAME}/{opt_final.name}"
+        if sharded:
+            # a folder of its own per save, named in recipe_state.pt, which is committed last: a
+            # crash in between leaves the previous pair (recipe_state.pt + its folder) as it was
+            # names from rank 0 (its pid marks the staging folder as its own for the leftover sweep)
+            tag, pid = _broadcast((f"{final.name}-{uuid.uuid4().hex[:8]}", os.getpid()), group)
+            opt_final = state_dir / f"sharded-{tag}"
+            opt_tmp = state_dir / f".sharded-{tag}{STAGING_MARK}{pid}"
+            try:
+                dcp.save(leaves, storage_writer=FileSystemWriter(str(opt_tmp), sync_files=ck.fsync),
+                         process_group=group)
+            except CheckpointException as e:
+                raise unwrap(e, "save of the sharded recipe state") from None
+            recipe = {**recipe, SHARDED_KEYS: sharded, SHARDED_DIR: f"{RECIPE_STATE_DIRNAME}/{opt_final.name}"}
 
         def publish() -> None:
             nonlocal recipe_tmp, opt_tmp
             if not coord:
                 return
-            if intermediate_checkpoint:
+            if recipe:
                 recipe_tmp = stage_torch_save(
                     recipe, recipe_path, fsync=ck.fsync,
                     tmp=ck.output_dir / f".recipe_state.pt{STAGING_MARK}tmp-{os.getpid()}",
@@ -253,7 +284,7 @@ def save_collective(
                 recipe_tmp = None
                 _drop_old_sharded(state_dir, keep=opt_final)
 
-        _agree(publish, f"publish {final}")
+        _agree(publish, f"publish {final}", group)
     finally:
         if coord:
             writer.abort()
@@ -280,7 +311,7 @@ def _check_placements(d: Mapping[str, Any]) -> None:
             )
 
 
-def _agree(fn: Any, what: str) -> None:
+def _agree(fn: Any, what: str, group: dist.ProcessGroup | None = None) -> None:
     """Run ``fn`` here, then make every rank raise if it failed on any rank (no rank is left waiting)."""
     error: str | None = None
     try:
@@ -290,8 +321,8 @@ def _agree(fn: Any, what: str) -> None:
         failure: BaseException | None = e
     else:
         failure = None
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    errors = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
     bad = {r: err for r, err in enumerate(errors) if err is not None}
     if bad:
         if failure is not None:
@@ -300,9 +331,9 @@ def _agree(fn: Any, what: str) -> None:
         raise CheckpointError(f"could not {what}: rank {first} failed: {bad[first]}")
 
 
-def _broadcast(obj: Any) -> Any:
+def _broadcast(obj: Any, group: dist.ProcessGroup | None = None) -> Any:
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 

@@ -197,11 +197,11 @@ class FullModelHFCheckpointer:
         side files; with ``intermediate_checkpoint`` also ``output_dir/recipe_state/recipe_state.pt``.
         The folder appears only when complete; ``state_dict`` is not modified.
 
-        ``background=True`` (single-process state dicts): returns a ``SaveFuture`` as soon as the state
-        (model, adapter, recipe state) is copied into staging buffers reused from save to save; the
-        files are written by a background thread and published when complete, the recipe state with
-        its folder. A later save (background or not) first waits for it and raises its error if
-        ``result()`` was not called."""
+        ``background=True``: returns a ``SaveFuture`` as soon as the state (model, adapter, recipe
+        state) is copied into staging buffers reused from save to save; the files are written by a
+        background thread and published when complete, the recipe state with its folder (a sharded
+        state dict: call on every rank; its gathers run before the call returns). A later save
+        (background or not) first waits for it and raises its error if ``result()`` was not called."""
         if dir_prefix not in ("epoch", "step"):
             raise ValueError(f"dir_prefix must be 'epoch' or 'step', got {dir_prefix!r}")
         if dir_prefix == "step" and step is None:
@@ -223,12 +223,11 @@ class FullModelHFCheckpointer:
             check_tensors(adapter, "adapter")
 
         final = self._output_dir / f"{dir_prefix}_{number}"
+        if is_sharded(model, adapter):
+            wait_for_previous()  # a synchronous save never overlaps a background one
+            return self._save_sharded(state_dict, model, adapter, final, intermediate_checkpoint, dir_prefix, cap,
+                                      background)
         if background:
-            if is_sharded(model, adapter):
-                raise NotImplementedError(
-                    "background=True is for single-process state dicts; a sharded (DTensor) one is saved "
-                    "collectively (in the background: shardwise.dcp.async_save)"
-                )
             wait_for_previous()
             staged = self._stager.stage(state_dict)
             return submit(
@@ -239,27 +238,34 @@ class FullModelHFCheckpointer:
         self._save(state_dict, final, intermediate_checkpoint, adapter_only, dir_prefix, cap)
         return None
 
+    def _save_sharded(
+        self, state_dict: Mapping[str, Any], model: Mapping[str, Any] | None, adapter: Mapping[str, Any] | None,
+        final: Path, intermediate_checkpoint: bool, dir_prefix: str, cap: int | None, background: bool,
+    ) -> SaveFuture | None:
+        """The collective save (every rank writes its own rows), now or in the background."""
+        if not self._output.collective:
+            raise NotImplementedError(
+                f"a sharded (DTensor) state dict cannot be saved to object storage yet "
+                f"({self._output.where()}): save to a local or mounted output_dir"
+            )
+        from .collective import save_collective
+
+        def after() -> None:
+            if is_rank_zero():  # one rank speaks for the collective save, as torchtune's recipes do
+                self._writer.log_notes(final)
+                logger.info("Checkpoint saved to %s (collectively: every rank wrote its own rows)", final)
+                self._prune(dir_prefix, final.name)
+
+        self._writer.notes = []
+        return save_collective(_CollectiveView(self), state_dict, model, adapter, final, intermediate_checkpoint,
+                               cap, stager=self._stager if background else None, after=after)
+
     def _save(
         self, state_dict: Mapping[str, Any], final: Path, intermediate_checkpoint: bool, adapter_only: bool,
         dir_prefix: str, cap: int | None,
     ) -> None:
         model = None if adapter_only else state_dict.get(MODEL_KEY)
         adapter = state_dict.get(ADAPTER_KEY)
-        if is_sharded(model, adapter):
-            if not self._output.collective:
-                raise NotImplementedError(
-                    f"a sharded (DTensor) state dict cannot be saved to object storage yet "
-                    f"({self._output.where()}): save to a local or mounted output_dir"
-                )
-            from .collective import save_collective
-
-            self._writer.notes = []
-            save_collective(_CollectiveView(self), state_dict, model, adapter, final, intermediate_checkpoint, cap)
-            if is_rank_zero():  # one rank speaks for the collective save, as torchtune's recipes do
-                self._writer.log_notes(final)
-                logger.info("Checkpoint saved to %s (collectively: every rank wrote its own rows)", final)
-                self._prune(dir_prefix, final.name)
-            return
         recipe_rel = f"{RECIPE_STATE_DIRNAME}/recipe_state.pt"
         recipe_path = self._output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
         recipe_tmp: Path | None = None

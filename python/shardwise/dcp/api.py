@@ -20,7 +20,7 @@ from .plan import SourceLayout
 from .reader import HFStorageReader
 from .writer import HFStorageWriter
 
-__all__ = ["async_save", "is_sharded", "load", "save", "unwrap"]
+__all__ = ["async_save", "is_sharded", "load", "save", "save_group", "unwrap"]
 
 
 def is_sharded(tensors: Mapping[str, Any]) -> bool:
@@ -78,7 +78,7 @@ _stager = Stager()
 _groups: dict[int, dist.ProcessGroup] = {}
 
 
-def _save_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+def save_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """A gloo group of the same ranks, made once (collectively) for the background thread: the save's
     collectives and the training loop's never share a group (not safe from two threads)."""
     key = 0 if process_group is None else id(process_group)
@@ -103,7 +103,7 @@ def async_save(
     target = local_folder(path, "shardwise.dcp.async_save")
     wait_for_previous()
     staged = _stager.stage(dict(state_dict))
-    group = _save_group(process_group) if dist.is_available() and dist.is_initialized() else None
+    group = save_group(process_group) if dist.is_available() and dist.is_initialized() else None
     return submit(lambda: save(staged, target, process_group=group, **writer_args), str(target))
 
 

@@ -13,7 +13,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -82,6 +85,40 @@ def prefault(nbytes: int) -> None:
         [sys.executable, "-c", f"import numpy as np; a = np.ones({nbytes}, np.uint8); a[::4096].sum()"],
         check=True,
     )
+
+
+def _anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Peak:
+    """Peak RssAnon above the level at start, sampled every millisecond in a thread."""
+
+    def __enter__(self) -> Peak:
+        self.base = _anon()
+        self.peak = self.base
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, _anon())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, _anon())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
 
 
 @pytest.fixture(scope="session", params=sorted(ROOTS))

@@ -16,15 +16,13 @@ import os
 import shutil
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import make_checkpoint, prefault
+from conftest import Peak, make_checkpoint, prefault
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -33,40 +31,6 @@ from dist_helpers import run_ranks  # noqa: E402
 ROUNDS = int(os.environ.get("SHARDWISE_BENCH_ROUNDS", "3"))
 SAVES = ["shardwise", "gather_rank0", "torch_hf_consolidate", "dcp_distcp", "copy"]
 LOADS = ["shardwise_load", "torch_hf_load", "dcp_distcp_load"]
-
-
-def _anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class _Peak:
-    """Peak RssAnon above the level at start, sampled every millisecond in a thread."""
-
-    def __enter__(self) -> _Peak:
-        self.base = _anon()
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, _anon())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, _anon())
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.base
 
 
 def _du(path: Path) -> int:
@@ -164,7 +128,7 @@ def bench_rank(rank: int, world: int, src: str, root: str, names: list[str], rou
     for i in range(rounds):
         for name in SAVES:
             reset(rootp / "x")
-            with _Peak() as pk:
+            with Peak() as pk:
                 t0 = time.perf_counter()
                 out = savers[name](i)
                 dist.barrier()
@@ -193,7 +157,7 @@ def bench_rank(rank: int, world: int, src: str, root: str, names: list[str], rou
         }
         for name in LOADS:
             reset(rootp / "x")
-            with _Peak() as pk:
+            with Peak() as pk:
                 t0 = time.perf_counter()
                 loaders[name]()
                 dist.barrier()

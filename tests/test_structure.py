@@ -173,7 +173,7 @@ def test_only_the_store_decides_what_a_url_is() -> None:
 #: on the base modules only; format lays out what convert makes and reads through the store; dcp never
 #: imports the checkpointer
 BASE = ("shardwise.errors", "shardwise.constants", "shardwise.config", "shardwise._logging", "shardwise._core",
-        "shardwise.units", "shardwise.version", "shardwise.model_types", "shardwise.staging")
+        "shardwise.units", "shardwise.version", "shardwise.model_types", "shardwise.staging", "shardwise.lazy")
 UPPER = ("shardwise.checkpointer", "shardwise.dcp", "shardwise.cli", "shardwise.report", "shardwise.torchtune")
 LAYERS = {
     "shardwise.store": ("shardwise.format", "shardwise.convert", "shardwise.adapters", *UPPER),

@@ -6,8 +6,7 @@ written back byte for byte; the bulk I/O runs in a Rust core (``shardwise._core`
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .constants import (
     ADAPTER_CONFIG,
@@ -25,6 +24,7 @@ from .constants import (
     ModelType,
 )
 from .errors import CheckpointError, CheckpointIOError, ConfigError, ConversionError, HeaderError
+from .lazy import lazy_names
 
 if TYPE_CHECKING:
     from .checkpointer import FullModelHFCheckpointer
@@ -49,17 +49,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'shardwise' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
 
 __all__ = [
     "ADAPTER_CONFIG",

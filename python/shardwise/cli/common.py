@@ -23,7 +23,28 @@ def starting(a: argparse.Namespace) -> Iterator[None]:
     from ..report.progress import Progress
 
     with Progress(0, "starting (import torch)", enabled=not a.quiet) as bar, bar.ticking():
+        _import_torch()
         yield
+
+
+def _import_torch() -> None:
+    """``import torch`` with Ctrl-C held until it is done: a ``KeyboardInterrupt`` raised inside the
+    Python callbacks torch's C++ initialisation runs aborts the process (pybind11: "terminate called
+    ..."), so the interrupt is raised right after the import instead."""
+    import signal
+    import threading
+
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def model_type_for(folder: str, given: str | None, force: bool, what: str) -> tuple[str | None, str | None]:

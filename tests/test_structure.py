@@ -174,14 +174,17 @@ def test_only_the_store_decides_what_a_url_is() -> None:
 #: imports the checkpointer
 BASE = ("shardwise.errors", "shardwise.constants", "shardwise.config", "shardwise._logging", "shardwise._core",
         "shardwise.units", "shardwise.version", "shardwise.model_types", "shardwise.staging", "shardwise.lazy")
-UPPER = ("shardwise.checkpointer", "shardwise.dcp", "shardwise.cli", "shardwise.report", "shardwise.torchtune")
+UPPER = ("shardwise.checkpointer", "shardwise.dcp", "shardwise.cli", "shardwise.report", "shardwise.torchtune",
+         "shardwise.hf", "shardwise.torchtitan")
+#: the trainer integrations: nothing below them imports them
+INTEGRATIONS = ("shardwise.torchtune", "shardwise.hf", "shardwise.torchtitan")
 LAYERS = {
     "shardwise.store": ("shardwise.format", "shardwise.convert", "shardwise.adapters", *UPPER),
     "shardwise.format": ("shardwise.adapters", *UPPER),
     "shardwise.convert": ("shardwise.store", "shardwise.format", "shardwise.adapters", *UPPER),
     "shardwise.adapters": ("shardwise.store", *UPPER),
-    "shardwise.dcp": ("shardwise.checkpointer", "shardwise.cli", "shardwise.report", "shardwise.torchtune"),
-    "shardwise.checkpointer": ("shardwise.cli", "shardwise.report", "shardwise.torchtune"),
+    "shardwise.dcp": ("shardwise.checkpointer", "shardwise.cli", "shardwise.report", *INTEGRATIONS),
+    "shardwise.checkpointer": ("shardwise.cli", "shardwise.report", *INTEGRATIONS),
     **{m: ("shardwise.store", "shardwise.format", "shardwise.convert", "shardwise.adapters", *UPPER) for m in BASE},
 }
 

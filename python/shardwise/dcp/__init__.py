@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from ..staging import SaveFuture
 from .api import async_save, is_sharded, load, save
-from .plan import HF_PREFIX, SourceLayout, plan_layout
+from .plan import HF_PREFIX, FixedFiles, SourceLayout, plan_layout
 from .reader import HFStorageReader
 from .writer import HFStorageWriter
 
 __all__ = [
     "HF_PREFIX",
+    "FixedFiles",
     "HFStorageReader",
     "HFStorageWriter",
     "SaveFuture",

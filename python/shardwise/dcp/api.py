@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from ..convert.base import Converter
 from ..errors import CheckpointError, CheckpointIOError
 from ..staging import SaveFuture, Stager, submit, wait_for_previous
 from ..store.url import local_folder
-from .plan import SourceLayout
+from .plan import FixedFiles, SourceLayout
 from .reader import HFStorageReader
 from .writer import HFStorageWriter
 
@@ -44,6 +46,14 @@ def unwrap(e: CheckpointException, what: str) -> CheckpointError:
     return err
 
 
+@contextlib.contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """Without a process group DCP warns that it "assumes" a single process: that is what we asked for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save(
     state_dict: Mapping[str, Any],
     path: str | os.PathLike[str],
@@ -55,16 +65,18 @@ def save(
     fsync: bool = True,
     publish: bool = True,
     side_files: Callable[[Path], None] | None = None,
+    fixed: FixedFiles | None = None,
 ) -> HFStorageWriter:
     """Collectively write ``state_dict`` (DTensors and/or plain tensors) as the HF folder ``path``;
     call on every rank. A failure on any rank fails every rank and publishes nothing. Returns the
     writer (its ``staging`` is the unpublished folder when ``publish=False``)."""
     writer = HFStorageWriter(
         path, fqn_to_index_mapping, source=source, max_shard_size=max_shard_size,
-        fsync=fsync, publish=publish, side_files=side_files,
+        fsync=fsync, publish=publish, side_files=side_files, fixed=fixed,
     )
     try:
-        dcp.save(dict(state_dict), storage_writer=writer, process_group=process_group)
+        with _one_process_quiet():
+            dcp.save(dict(state_dict), storage_writer=writer, process_group=process_group)
     except CheckpointException as e:
         writer.abort()
         raise unwrap(e, "save") from None
@@ -125,7 +137,8 @@ def load(
         converter = get_converter(parse_model_type(model_type))
     reader = HFStorageReader(path, converter=converter, config=config)
     try:
-        dcp.load(state_dict, storage_reader=reader, process_group=process_group)
+        with _one_process_quiet():
+            dcp.load(state_dict, storage_reader=reader, process_group=process_group)
     except CheckpointException as e:
         raise unwrap(e, "load") from None
     return state_dict

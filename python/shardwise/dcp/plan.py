@@ -24,7 +24,7 @@ from ..format.layout import OutputShard, SavePlan, count_params, index_bytes, pl
 from ..format.shards import SourceFile
 from ._rows import Dest
 
-__all__ = ["HF_PREFIX", "Layout", "SourceLayout", "plan_layout"]
+__all__ = ["HF_PREFIX", "FixedFiles", "Layout", "SourceLayout", "plan_layout"]
 
 logger = get_logger()
 
@@ -44,6 +44,23 @@ class SourceLayout:
     key_source: Mapping[str, SourceFile] = field(default_factory=dict)
     original_index: tuple[bytes, dict[str, Any]] | None = None
     had_index: bool = False
+
+
+@dataclass
+class FixedFiles:
+    """Files decided before the save (``shardwise.hf``: transformers' split): the keys of each file by
+    file name, in file order, and the index bytes (None: a single file, no index)."""
+
+    files: Mapping[str, Sequence[str]]
+    index: bytes | None
+
+
+def _fixed_files(ops: list[Op], fixed: FixedFiles) -> SavePlan:
+    by_key = {op.key: op for op in ops}
+    shards = [OutputShard(name, [by_key.pop(k) for k in keys if k in by_key]) for name, keys in fixed.files.items()]
+    if by_key:
+        raise ConversionError(f"the planned files name no file for {sorted(by_key)[:5]} ({len(by_key)} keys)")
+    return SavePlan([s for s in shards if s.ops], write_index=fixed.index is not None)
 
 
 @dataclass
@@ -84,6 +101,7 @@ def plan_layout(
     *,
     fqn_to_index_mapping: Mapping[str, int] | None = None,
     max_shard_size: int | None = None,
+    fixed: FixedFiles | None = None,
 ) -> Layout:
     """Plan every file of the save from the global ``(dtype, shape)`` of each state-dict key."""
     source = source or SourceLayout()
@@ -100,7 +118,9 @@ def plan_layout(
     given = {k[len(HF_PREFIX) :]: identity_op(k[len(HF_PREFIX) :], t) for k, t in direct.items()}
     ops = [given.pop(op.key, op) for op in ops] + list(given.values())
 
-    if fqn_to_index_mapping is not None and not source.sources:
+    if fixed is not None:
+        plan = _fixed_files(ops, fixed)
+    elif fqn_to_index_mapping is not None and not source.sources:
         plan = _fixed_shards(ops, fqn_to_index_mapping)
     else:
         if fqn_to_index_mapping is not None:
@@ -128,7 +148,9 @@ def plan_layout(
                 else:
                     dests.setdefault(fqn, []).append(dest)
     index = None
-    if plan.shards and (plan.write_index or not source.sources):  # fresh layouts always get one (as torch's)
+    if fixed is not None:
+        index = fixed.index
+    elif plan.shards and (plan.write_index or not source.sources):  # fresh layouts always get one (as torch's)
         index = index_bytes(plan, source.original_index, count_params(ops))
     return Layout(files, dests, local, index, plan)
 

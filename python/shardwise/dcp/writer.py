@@ -33,7 +33,7 @@ from ..format.shards import byte_view
 from ..store.local import fsync_file, fsync_tree, remove_leftovers, staging_path
 from ..store.url import local_folder
 from ._rows import Dest, chunk_segments
-from .plan import Layout, SourceLayout, plan_layout
+from .plan import FixedFiles, Layout, SourceLayout, plan_layout
 
 __all__ = ["HFStorageWriter"]
 
@@ -89,6 +89,7 @@ class HFStorageWriter(StorageWriter):
         fsync: bool = True,
         publish: bool = True,
         side_files: Callable[[Path], None] | None = None,
+        fixed: FixedFiles | None = None,
     ) -> None:
         super().__init__()
         self.path = local_folder(path, "shardwise.dcp.HFStorageWriter")
@@ -101,6 +102,7 @@ class HFStorageWriter(StorageWriter):
         self.fsync = fsync
         self.publish = publish
         self.side_files = side_files
+        self.fixed = fixed
         self.is_coordinator = False
         self.rank = 0
         #: the staging folder of the last save (coordinator only); removed by ``abort``
@@ -153,7 +155,8 @@ class HFStorageWriter(StorageWriter):
         tensors = {k: found[k] for k in order if k in found}
         tensors.update((k, v) for k, v in found.items() if k not in tensors)
         layout = plan_layout(
-            tensors, self.source, fqn_to_index_mapping=self.fqn_to_index_mapping, max_shard_size=self.max_shard_size
+            tensors, self.source, fqn_to_index_mapping=self.fqn_to_index_mapping, max_shard_size=self.max_shard_size,
+            fixed=self.fixed,
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(self.path.parent)  # what failed saves of dead processes left (over an hour old)

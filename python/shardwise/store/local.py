@@ -17,6 +17,7 @@ from .output import Output, ShardBytes
 __all__ = [
     "STAGING_MARK",
     "LocalOutput",
+    "carry_over",
     "fsync_file",
     "fsync_tree",
     "is_staging_name",
@@ -114,6 +115,42 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def carry_over(old: Path, staging: Path, keep: Callable[[str], bool]) -> list[str]:
+    """Hard-link (copy where links fail) the top-level entries of ``old`` that ``keep`` accepts, and
+    everything under them, into ``staging``: a folder published over ``old`` then keeps the user's
+    other files (a tokenizer, training args) while ``old`` stays intact until the exchange. Returns
+    the names carried over."""
+    import shutil
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    names = []
+    try:
+        entries = sorted(os.scandir(old), key=lambda e: e.name)
+    except FileNotFoundError:
+        return names
+    for entry in entries:
+        if not keep(entry.name) or (staging / entry.name).exists():
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.copytree(entry.path, staging / entry.name, symlinks=True, copy_function=link)
+            elif entry.is_symlink():
+                os.symlink(os.readlink(entry.path), staging / entry.name)
+            else:
+                link(entry.path, str(staging / entry.name))
+        except OSError as e:
+            raise CheckpointIOError(
+                e.errno or 5, f"cannot keep {entry.name!r} of the existing folder: {e.strerror or e}", str(old)
+            ) from e
+        names.append(entry.name)
+    return names
 
 
 def remove_leftovers(folder: Path) -> None:

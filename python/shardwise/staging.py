@@ -45,6 +45,10 @@ class SaveFuture:
             raise
         self._seen = True
 
+    def add_done_callback(self, fn: Callable[[SaveFuture], Any]) -> None:
+        """Call ``fn(self)`` when the save has finished (at once if it has), as ``Future`` does."""
+        self._future.add_done_callback(lambda _: fn(self))
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The save's error (None when it succeeded), waiting at most ``timeout`` seconds."""
         e = self._future.exception(timeout)
